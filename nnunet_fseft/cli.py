@@ -1,0 +1,100 @@
+"""`nnunet-fseft` command line. Heavy imports happen inside each command."""
+import argparse
+import os
+import sys
+
+# Bad input is reported as these, each with one sentence saying what is wrong and how to fix it.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, RuntimeError)
+
+
+def cmd_env(args):
+    from nnunet_fseft import discovery
+    if discovery.EXT_FOLDER in discovery.listed_folders():
+        print(f"# nnU-Net finds our trainers in this environment (nnUNet_extTrainer lists {discovery.EXT_FOLDER}).")
+    else:
+        print("# nnU-Net would not find our trainers here; run this (or add it to your shell profile):")
+    print(discovery.export_line())
+
+
+def cmd_adopt(args):
+    from nnunet_fseft.adopt import adopt
+    path = adopt(args.foundation, args.d, args.fold, args.checkpoint, args.plans_name, args.np)
+    print(f"Wrote {path}; train with: nnUNetv2_train {args.d} CONFIGURATION FOLD -p {args.plans_name} "
+          f"-tr nnUNetTrainerFSEFT_LoRA")
+
+
+def cmd_kshot(args):
+    from nnunet_fseft.kshot import write_kshot_splits
+    path, splits, backup = write_kshot_splits(args.d, args.k, args.repeats, args.seed, args.test)
+    if backup:
+        print(f"Kept the previous splits as {backup}")
+    print(f"Wrote {path}: {len(splits)} folds of K={args.k} support cases, "
+          f"{len(splits[0]['val'])} held-out cases shared by every fold.")
+
+
+def cmd_synth(args):
+    from nnunet_fseft.synth import synth_dataset
+    path = synth_dataset(args.d, args.cases, args.organs, seed=args.seed, name=args.name, scanner=args.scanner,
+                         num_test=args.test, shape=tuple(args.shape))
+    print(f"Wrote {path}")
+
+
+def cmd_demo(args):
+    from nnunet_fseft.demo import run_demo
+    run_demo(args.workdir, args.device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nnunet-fseft", description="Few-shot, parameter-efficient fine-tuning of "
+                                "nnU-Net foundation models through the standard nnU-Net commands.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("env", help="print the nnUNet_extTrainer export for installs where discovery is not automatic")
+    s.set_defaults(func=cmd_env)
+
+    s = sub.add_parser("adopt", help="make a trained nnU-Net model the foundation of a target dataset")
+    s.add_argument("--foundation", required=True, help="nnU-Net results folder TRAINER__PLANS__CONFIGURATION")
+    s.add_argument("--fold", default="all", help="fold of the foundation to use (default: all)")
+    s.add_argument("--checkpoint", default="checkpoint_final.pth")
+    s.add_argument("-d", required=True, help="target dataset id or name (in nnUNet_raw)")
+    s.add_argument("--plans-name", default="FSEFTPlans")
+    s.add_argument("-np", type=int, default=2, help="processes for preprocessing (default 2)")
+    s.set_defaults(func=cmd_adopt)
+
+    s = sub.add_parser("kshot", help="write K-shot splits_final.json (fold r = repeat r)")
+    s.add_argument("-d", required=True)
+    s.add_argument("-k", type=int, required=True, help="support cases per fold")
+    s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--test", type=int, default=10, help="held-out cases, the same for every fold")
+    s.set_defaults(func=cmd_kshot)
+
+    s = sub.add_parser("synth", help="write a synthetic CT-like raw nnU-Net dataset")
+    s.add_argument("-d", type=int, required=True)
+    s.add_argument("--cases", type=int, required=True)
+    s.add_argument("--organs", nargs="+", default=["liver", "spleen", "kidney_left", "kidney_right"])
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--name", default=None)
+    s.add_argument("--scanner", default="A", choices=["A", "B"], help="B: another scanner (noise, contrast, spacing)")
+    s.add_argument("--test", type=int, default=0, help="extra cases in imagesTs/labelsTs")
+    s.add_argument("--shape", type=int, nargs=3, default=[48, 48, 48])
+    s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("demo", help="the whole few-shot loop on synthetic data, end to end")
+    s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    s.add_argument("--workdir", default=os.path.join(os.getcwd(), "nnunet_fseft_demo"))
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except USER_ERRORS as e:
+        print(f"nnunet-fseft {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

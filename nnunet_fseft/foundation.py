@@ -1,0 +1,88 @@
+"""The foundation a target dataset was adopted with: where its record lives, and how its
+weights are read and checked against a network before they are loaded."""
+import hashlib
+import os
+import pickle
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from nnunet_fseft.parameters import is_head_parameter
+from nnunet_fseft.tuners import is_adapter_parameter
+
+# `nnunet-fseft adopt` writes this key into the plans; nnU-Net ignores keys it does not know.
+PLANS_KEY = "fseft_foundation"
+
+
+def recorded_foundation(plans: dict) -> Optional[dict]:
+    return plans.get(PLANS_KEY)
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# nnU-Net checkpoints also hold training logs and init args; these are the only
+# non-tensor types in them, so they are all weights_only=True needs to allow.
+_SAFE_GLOBALS = [np.core.multiarray.scalar, np.dtype, np.float64, np.float32, np.int64,
+                 type(np.dtype(np.float64)), type(np.dtype(np.float32)), type(np.dtype(np.int64))]
+
+
+def read_checkpoint(path: str) -> dict:
+    """Reads an nnU-Net checkpoint onto the CPU without running pickled code."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Foundation checkpoint {path} does not exist; check the model folder, "
+                                f"fold and --checkpoint given to `nnunet-fseft adopt`.")
+    try:
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a readable nnU-Net checkpoint ({first}); "
+                         f"point --foundation at an nnU-Net results folder trained with nnUNetv2_train.") from None
+    if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
+        raise ValueError(f"{path} is not an nnU-Net checkpoint (it has no 'network_weights'); "
+                         f"point --foundation at an nnU-Net results folder trained with nnUNetv2_train.")
+    return ckpt
+
+
+def foundation_weights(network_state: Dict[str, torch.Tensor], weights: Dict[str, torch.Tensor],
+                       source: str) -> Dict[str, torch.Tensor]:
+    """The foundation tensors to load: every tensor of the network but adapters and head.
+
+    Raises one sentence naming the first tensor whose name or shape does not match."""
+    hint = ("the plans do not match the foundation: train with the plans `nnunet-fseft adopt` wrote "
+            "for it, or adopt the foundation again")
+    for k, v in network_state.items():
+        if is_adapter_parameter(k) or is_head_parameter(k):
+            continue
+        if k not in weights:
+            raise ValueError(f"Foundation {source} has no tensor '{k}' that the network needs; {hint}.")
+        if tuple(weights[k].shape) != tuple(v.shape):
+            raise ValueError(f"Tensor '{k}' has shape {tuple(weights[k].shape)} in foundation {source} but "
+                             f"{tuple(v.shape)} in the network; {hint}.")
+    for k in weights:
+        if k not in network_state and not is_head_parameter(k):
+            raise ValueError(f"Foundation {source} has a tensor '{k}' that the network lacks; {hint}.")
+    return {k: v for k, v in weights.items() if not is_head_parameter(k)}
+
+
+def load_foundation(network: nn.Module, checkpoint_path: str) -> None:
+    """Loads a foundation checkpoint into a (possibly adapted) unwrapped network, head excluded."""
+    weights = read_checkpoint(checkpoint_path)["network_weights"]
+    network.load_state_dict(foundation_weights(network.state_dict(), weights, checkpoint_path), strict=False)
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """The plain module inside nnU-Net's DDP and torch.compile wrappers."""
+    from torch._dynamo import OptimizedModule
+    from torch.nn.parallel import DistributedDataParallel
+    if isinstance(network, DistributedDataParallel):
+        network = network.module
+    return network._orig_mod if isinstance(network, OptimizedModule) else network

@@ -1,0 +1,1 @@
+# Folder listed in nnUNet_extTrainer (see nnunet_fseft/discovery.py).

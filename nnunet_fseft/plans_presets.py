@@ -1,0 +1,36 @@
+"""Plans presets (plans/*.json): the same preprocessing, a different network width.
+
+A preset plans file keeps the source plans' `data_identifier`, so it reuses the data
+nnU-Net already preprocessed: only the network changes, not the inputs.
+"""
+import json
+import os
+from importlib import resources
+
+from nnunet_fseft.safety import dataset_name, require_env, save_json_kept
+
+
+def preset(name: str) -> dict:
+    files = resources.files("nnunet_fseft.plans")
+    known = sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".json"))
+    if name not in known:
+        raise ValueError(f"Unknown plans preset '{name}'; known presets: {', '.join(known)}.")
+    return json.loads((files / f"{name}.json").read_text())
+
+
+def apply_preset(dataset: str, preset_name: str, source_plans: str = "nnUNetPlans",
+                 configuration: str = "3d_fullres") -> str:
+    """Writes plans `{source_plans}_{preset_name}` beside the source plans; returns its plans name."""
+    p = preset(preset_name)
+    folder = os.path.join(require_env("nnUNet_preprocessed"), dataset_name(dataset))
+    src = os.path.join(folder, source_plans + ".json")
+    if not os.path.isfile(src):
+        raise FileNotFoundError(f"Plans {src} do not exist; run nnUNetv2_plan_and_preprocess for the dataset first.")
+    with open(src) as f:
+        plans = json.load(f)
+    arch = plans["configurations"][configuration]["architecture"]["arch_kwargs"]
+    arch["features_per_stage"] = [min(p["features_base"] * 2 ** i, p["features_max"])
+                                  for i in range(arch["n_stages"])]
+    plans["plans_name"] = f"{source_plans}_{preset_name}"
+    save_json_kept(plans, os.path.join(folder, plans["plans_name"] + ".json"))
+    return plans["plans_name"]

@@ -1,0 +1,1 @@
+"""Plans presets (JSON beside this file), installed as `nnunet_fseft.plans`."""

@@ -1,0 +1,124 @@
+"""Base trainer: few-shot fine-tuning of a foundation model through nnU-Net's own training.
+
+A method subclass sets only its name (`tuner`), the parameter groups it trains
+(`trainable`) and its hyper-parameters as class attributes.
+
+Where the foundation comes from:
+- recorded in the plans by `nnunet-fseft adopt`: loaded in `initialize()`, after the
+  adapted network is built and before nnU-Net wraps it in DDP / torch.compile;
+- `-pretrained_weights F` with plans that record none: nnU-Net loads F into the network
+  right after `initialize()` and checks that every tensor of the network is in F, so the
+  network is built plain and the adapters are injected in `on_train_start`.
+`-pretrained_weights` on the command line wins over the recorded foundation.
+`--c` / `--val` restore the adapted network from our own checkpoint and load no foundation.
+"""
+import os
+import sys
+
+import torch
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_fseft.foundation import load_foundation, recorded_foundation, unwrap
+from nnunet_fseft.parameters import count_parameters, freeze
+from nnunet_fseft.tuners.registry import apply_tuner
+
+
+def env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ValueError(f"{name} must be a positive whole number, got '{value}'; unset it or fix its value.")
+    return int(value)
+
+
+class nnUNetTrainerFSEFT(nnUNetTrainer):
+    tuner = None  # method name in nnunet_fseft.tuners.registry.TUNERS; None adds no adapters
+    trainable = ("all",)  # parameter groups it trains (nnunet_fseft.parameters.PARAMETER_GROUPS)
+
+    # Schedule for K <= 10 support scans (nnU-Net's 1000 x 250 is far too long);
+    # nnUNet_fseft_epochs / nnUNet_fseft_iters_per_epoch override it.
+    epochs = 100
+    iterations_per_epoch = 50
+    val_iterations_per_epoch = 10
+    learning_rate = 1e-3
+    weight_decay_fseft = 1e-4
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = env_int("nnUNet_fseft_epochs", self.epochs)
+        self.num_iterations_per_epoch = env_int("nnUNet_fseft_iters_per_epoch", self.iterations_per_epoch)
+        self.num_val_iterations_per_epoch = min(self.val_iterations_per_epoch, self.num_iterations_per_epoch)
+        self.initial_lr = self.learning_rate
+        self.weight_decay = self.weight_decay_fseft
+        self.foundation = recorded_foundation(self.plans_manager.plans)
+        self._restoring = False  # set by load_checkpoint: weights come from our checkpoint
+        self._inject_on_train_start = False
+        self._before_pretrained = None
+        if self.foundation is not None and self.foundation["configuration"] != configuration:
+            raise ValueError(f"The foundation in these plans was adopted for configuration "
+                             f"'{self.foundation['configuration']}', not '{configuration}'; train that "
+                             f"configuration or adopt the foundation again.")
+
+    @classmethod
+    def adapt(cls, network: torch.nn.Module) -> torch.nn.Module:
+        """Injects the method's adapters and applies the freezing rule, in place."""
+        if cls.tuner is not None:
+            apply_tuner(network, cls.tuner, cls)
+        freeze(network, cls.trainable)
+        return network
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels,
+                                   num_output_channels, enable_deep_supervision: bool = True):
+        # A classmethod, so that nnUNetPredictor (which calls it on the class) rebuilds
+        # exactly the adapted network that was trained.
+        network = nnUNetTrainer.build_network_architecture(
+            plans_manager, configuration_manager, num_input_channels, num_output_channels,
+            enable_deep_supervision)
+        return cls.adapt(network)
+
+    def initialize(self):
+        # nnU-Net gives the trainer no sign of -pretrained_weights; its command line is the only one.
+        pretrained_weights_follow = "-pretrained_weights" in sys.argv
+        if (self.foundation is None or pretrained_weights_follow) and not self._restoring:
+            if self.is_ddp:
+                raise RuntimeError("Multi-GPU training needs the foundation recorded by `nnunet-fseft adopt` "
+                                   "(adapters must be in place before DDP wraps the network); adopt the "
+                                   "foundation instead of passing -pretrained_weights.")
+            # nnU-Net loads -pretrained_weights into this network next; it must not hold adapters yet.
+            self._inject_on_train_start = True
+            self.build_network_architecture = nnUNetTrainer.build_network_architecture
+        super().initialize()
+        if self._inject_on_train_start:
+            self._before_pretrained = next(unwrap(self.network).parameters()).detach().clone()
+        elif not self._restoring:
+            load_foundation(unwrap(self.network), self.foundation["checkpoint"])
+            self.print_to_log_file(f"Loaded foundation {self.foundation['checkpoint']}")
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        self._restoring = True
+        super().load_checkpoint(filename_or_checkpoint)
+
+    def configure_optimizers(self):
+        params = [p for p in self.network.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.initial_lr, weight_decay=self.weight_decay)
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
+    def on_train_start(self):
+        if not self.was_initialized:
+            self.initialize()
+        if self._inject_on_train_start:
+            network = unwrap(self.network)
+            if torch.equal(next(network.parameters()).detach(), self._before_pretrained):
+                raise RuntimeError("No foundation weights were loaded: run `nnunet-fseft adopt` for this "
+                                   "dataset and train with its plans, or pass -pretrained_weights.")
+            self.adapt(network)
+            self.optimizer, self.lr_scheduler = self.configure_optimizers()
+            self._inject_on_train_start = False
+        trainable, total = count_parameters(unwrap(self.network))
+        self.print_to_log_file(f"{self.__class__.__name__}: training {trainable:,} of {total:,} parameters "
+                               f"({100 * trainable / total:.2f}%)")
+        super().on_train_start()
