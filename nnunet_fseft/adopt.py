@@ -48,8 +48,8 @@ def check_channels(foundation_json: dict, target_json: dict, target: str) -> Non
 
 
 def adopt(foundation: str, target: str, fold: str = "all", checkpoint: str = "checkpoint_final.pth",
-          plans_name: str = "FSEFTPlans", num_processes: int = 2) -> str:
-    """Returns the path of the plans file written for the target."""
+          plans_name: str = "FSEFTPlans", num_processes: int = 2):
+    """Returns (plans file written for the target, the foundation's configuration)."""
     from batchgenerators.utilities.file_and_folder_operations import load_json
     raw, preprocessed = require_env("nnUNet_raw"), require_env("nnUNet_preprocessed")
     trainer, source_plans, configuration = parse_model_folder(foundation)
@@ -94,7 +94,7 @@ def adopt(foundation: str, target: str, fold: str = "all", checkpoint: str = "ch
     plans_file = os.path.join(out, plans_name + ".json")
     save_json_kept(plans, plans_file)
     preprocess_dataset(target_id, plans_name, [configuration], [num_processes])
-    return plans_file
+    return plans_file, configuration
 
 
 def _refuse_foreign_plans(path: str, plans_name: str) -> None:

@@ -18,8 +18,8 @@ def cmd_env(args):
 
 def cmd_adopt(args):
     from nnunet_fseft.adopt import adopt
-    path = adopt(args.foundation, args.d, args.fold, args.checkpoint, args.plans_name, args.np)
-    print(f"Wrote {path}; train with: nnUNetv2_train {args.d} CONFIGURATION FOLD -p {args.plans_name} "
+    path, configuration = adopt(args.foundation, args.d, args.fold, args.checkpoint, args.plans_name, args.np)
+    print(f"Wrote {path}; fine-tune with: nnUNetv2_train {args.d} {configuration} FOLD -p {args.plans_name} "
           f"-tr nnUNetTrainerFSEFT_LoRA")
 
 

@@ -30,7 +30,7 @@ def sha256(path: str) -> str:
 
 # nnU-Net checkpoints also hold training logs and init args; these are the only
 # non-tensor types in them, so they are all weights_only=True needs to allow.
-_SAFE_GLOBALS = [np.core.multiarray.scalar, np.dtype, np.float64, np.float32, np.int64,
+_SAFE_GLOBALS = [getattr(np, "_core", None) and np._core.multiarray.scalar or np.core.multiarray.scalar, np.dtype, np.float64, np.float32, np.int64,
                  type(np.dtype(np.float64)), type(np.dtype(np.float32)), type(np.dtype(np.int64))]
 
 

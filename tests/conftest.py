@@ -1,0 +1,64 @@
+"""Shared fixtures: one nnU-Net workspace and one tiny foundation per test session.
+
+Everything runs through the real `nnUNetv2_*` and `nnunet-fseft` commands in
+subprocesses, on 32^3 synthetic volumes with a narrow network (plans preset cpu_tiny).
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+
+FOUNDATION_ID, TARGET_ID = "100", "501"
+BIN = os.path.dirname(sys.executable)  # the commands installed beside this interpreter
+
+
+def run(args, env=None, check=True, timeout=900):
+    """Runs a command of this environment; returns CompletedProcess (stdout+stderr in .stdout)."""
+    cmd = [os.path.join(BIN, args[0])] + [str(a) for a in args[1:]]
+    p = subprocess.run(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}:\n{p.stdout[-4000:]}")
+    return p
+
+
+# Training only: nnUNet_n_proc_DA=0 crashes nnUNetv2_plan_and_preprocess (torch.set_num_threads(0)).
+TRAIN_ENV = {"nnUNet_n_proc_DA": "0", "nnUNet_fseft_epochs": "2", "nnUNet_fseft_iters_per_epoch": "3"}
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nnunet")
+    mp = pytest.MonkeyPatch()
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        os.makedirs(root / var, exist_ok=True)
+        mp.setenv(var, str(root / var))
+    mp.setenv("nnUNet_compile", "f")
+    mp.setenv("nnUNet_def_n_proc", "2")  # nnU-Net's default of 8 export workers is slow on 2 cores
+    yield root
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def foundation(workspace):
+    """A tiny nnU-Net model trained on base organs; returns its results folder."""
+    run(["nnunet-fseft", "synth", "-d", FOUNDATION_ID, "--cases", "6", "--shape", "32", "32", "32"])
+    run(["nnUNetv2_plan_and_preprocess", "-d", FOUNDATION_ID, "-c", "3d_fullres", "-np", "2"])
+    from nnunet_fseft.plans_presets import apply_preset
+    plans = apply_preset(FOUNDATION_ID, "cpu_tiny")
+    run(["nnUNetv2_train", FOUNDATION_ID, "3d_fullres", "all", "-p", plans, "-tr", "nnUNetTrainerFSEFT_Pretrain",
+         "-device", "cpu"], env=TRAIN_ENV)
+    folder = workspace / "nnUNet_results" / "Dataset100_SynthCTA" / f"nnUNetTrainerFSEFT_Pretrain__{plans}__3d_fullres"
+    assert (folder / "fold_all" / "checkpoint_final.pth").is_file()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def target(foundation):
+    """A novel-organ dataset from another scanner, adopted and split 1-shot x 2 repeats."""
+    run(["nnunet-fseft", "synth", "-d", TARGET_ID, "--cases", "6", "--organs", "pancreas", "--scanner", "B",
+         "--test", "2", "--seed", "1", "--shape", "32", "32", "32"])
+    run(["nnunet-fseft", "adopt", "--foundation", foundation, "-d", TARGET_ID])
+    run(["nnunet-fseft", "kshot", "-d", TARGET_ID, "-k", "1", "--repeats", "2", "--test", "2"])
+    return TARGET_ID

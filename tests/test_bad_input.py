@@ -1,0 +1,89 @@
+"""Bad input stops a command with one sentence, before any long work, and writes nothing."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import TARGET_ID, TRAIN_ENV, run
+
+
+def fails_with(args, text, env=None):
+    p = run(args, env=env, check=False)
+    assert p.returncode == 2, p.stdout[-2000:]
+    errors = [line for line in p.stdout.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and text in errors[0], p.stdout[-2000:]
+    return errors[0]
+
+
+def test_k_larger_than_dataset(target):
+    fails_with(["nnunet-fseft", "kshot", "-d", target, "-k", "5", "--test", "2"], "fewer than K + test = 5 + 2")
+
+
+def test_foundation_folder_missing(target, tmp_path):
+    fails_with(["nnunet-fseft", "adopt", "--foundation", tmp_path / "nope__nnUNetPlans__3d_fullres",
+                "-d", target, "--plans-name", "Other"], "does not exist")
+
+
+def test_foundation_folder_without_checkpoint(foundation, target, tmp_path):
+    empty = tmp_path / foundation.name
+    empty.mkdir()
+    for f in ("plans.json", "dataset.json"):
+        shutil.copy(foundation / f, empty / f)
+    fails_with(["nnunet-fseft", "adopt", "--foundation", empty, "-d", target, "--plans-name", "Other"],
+               "holds no fold_all/checkpoint_final.pth")
+
+
+def test_foundation_checkpoint_that_is_not_a_checkpoint(foundation, target, tmp_path):
+    fake = tmp_path / foundation.name
+    shutil.copytree(foundation, fake)
+    torch.save({"something": "else"}, fake / "fold_all" / "checkpoint_final.pth")
+    fails_with(["nnunet-fseft", "adopt", "--foundation", fake, "-d", target, "--plans-name", "Other"],
+               "is not an nnU-Net checkpoint")
+
+
+def test_pickled_code_is_refused(foundation, target, tmp_path):
+    fake = tmp_path / foundation.name
+    shutil.copytree(foundation, fake)
+    torch.save({"network_weights": {}, "payload": os.system}, fake / "fold_all" / "checkpoint_final.pth")
+    fails_with(["nnunet-fseft", "adopt", "--foundation", fake, "-d", target, "--plans-name", "Other"],
+               "is not a readable nnU-Net checkpoint")
+
+
+def test_mismatched_channels_stop_before_preprocessing(workspace, foundation):
+    raw = workspace / "nnUNet_raw"
+    src, dst = raw / "Dataset501_SynthCTB", raw / "Dataset502_TwoChannels"
+    shutil.copytree(src, dst)
+    ds = json.load(open(dst / "dataset.json"))
+    ds["channel_names"] = {"0": "CT", "1": "PET"}
+    json.dump(ds, open(dst / "dataset.json", "w"))
+    fails_with(["nnunet-fseft", "adopt", "--foundation", foundation, "-d", "502"], "input channels")
+    assert not (workspace / "nnUNet_preprocessed" / "Dataset502_TwoChannels").exists()
+
+
+def test_unknown_dataset(foundation):
+    fails_with(["nnunet-fseft", "adopt", "--foundation", foundation, "-d", "777"], "Dataset 777 does not exist")
+
+
+def test_adopt_never_replaces_a_users_plans(workspace, foundation, target):
+    plans = workspace / "nnUNet_preprocessed" / "Dataset501_SynthCTB" / "MyPlans.json"
+    plans.write_text('{"mine": true}')
+    fails_with(["nnunet-fseft", "adopt", "--foundation", foundation, "-d", target, "--plans-name", "MyPlans"],
+               "did not write")
+    assert json.loads(plans.read_text()) == {"mine": True}
+
+
+def test_missing_environment_variable(target):
+    env = {k: v for k, v in os.environ.items() if k != "nnUNet_raw"}
+    p = subprocess.run([os.path.join(os.path.dirname(sys.executable), "nnunet-fseft"), "kshot", "-d", target,
+                        "-k", "1"], env=env, capture_output=True, text=True)
+    assert p.returncode == 2 and "nnUNet_raw is not set" in p.stderr
+
+
+def test_bad_schedule_override(target):
+    p = run(["nnUNetv2_train", target, "3d_fullres", "0", "-p", "FSEFTPlans", "-tr", "nnUNetTrainerFSEFT_LoRA",
+             "-device", "cpu"], env={**TRAIN_ENV, "nnUNet_fseft_epochs": "ten"}, check=False)
+    assert p.returncode != 0 and "nnUNet_fseft_epochs must be a positive whole number" in p.stdout

@@ -1,0 +1,120 @@
+"""The whole loop through the real commands: adopt, kshot, nnUNetv2_train with LoRA,
+--c, --val, nnUNetv2_predict, and the standard -pretrained_weights route."""
+import glob
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import TARGET_ID, TRAIN_ENV, run
+from nnunet_fseft.foundation import PLANS_KEY, read_checkpoint
+from nnunet_fseft.parameters import is_head_parameter
+from nnunet_fseft.tuners import is_adapter_parameter
+
+LORA = "nnUNetTrainerFSEFT_LoRA"
+
+
+def results_folder(workspace, trainer, plans="FSEFTPlans"):
+    return workspace / "nnUNet_results" / "Dataset501_SynthCTB" / f"{trainer}__{plans}__3d_fullres"
+
+
+def assert_foundation_untouched(checkpoint, foundation):
+    """Every tensor but adapters and head equals the foundation's, bit for bit."""
+    trained = read_checkpoint(str(checkpoint))["network_weights"]
+    original = read_checkpoint(str(foundation / "fold_all" / "checkpoint_final.pth"))["network_weights"]
+    frozen = [k for k in trained if not is_adapter_parameter(k) and not is_head_parameter(k)]
+    assert frozen, "no frozen tensors found"
+    for k in frozen:
+        assert torch.equal(trained[k], original[k]), f"{k} changed during LoRA training"
+    lora_b = [v for k, v in trained.items() if k.endswith("fseft_lora_B")]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b), "LoRA B stayed zero: adapters were not trained"
+
+
+@pytest.fixture(scope="module")
+def lora_run(workspace, target):
+    p = run(["nnUNetv2_train", target, "3d_fullres", "0", "-p", "FSEFTPlans", "-tr", LORA, "-device", "cpu"],
+            env=TRAIN_ENV)
+    return results_folder(workspace, LORA), p.stdout
+
+
+def test_lora_training_loads_foundation_and_trains_only_adapters(lora_run, foundation):
+    folder, log = lora_run
+    assert "Loaded foundation" in log
+    assert f"{LORA}: training " in log and " parameters (" in log
+    assert_foundation_untouched(folder / "fold_0" / "checkpoint_final.pth", foundation)
+    summary = json.load(open(folder / "fold_0" / "validation" / "summary.json"))
+    assert "foreground_mean" in summary
+
+
+def test_resume_continues_from_checkpoint(lora_run, target):
+    folder, _ = lora_run
+    run(["nnUNetv2_train", target, "3d_fullres", "0", "-p", "FSEFTPlans", "-tr", LORA, "-device", "cpu", "--c"],
+        env={**TRAIN_ENV, "nnUNet_fseft_epochs": "3"})
+    ckpt = read_checkpoint(str(folder / "fold_0" / "checkpoint_final.pth"))
+    assert ckpt["current_epoch"] == 3
+
+
+def test_validation_only_rebuilds_the_network(lora_run, target):
+    folder, _ = lora_run
+    summary = folder / "fold_0" / "validation" / "summary.json"
+    os.remove(summary)
+    run(["nnUNetv2_train", target, "3d_fullres", "0", "-p", "FSEFTPlans", "-tr", LORA, "-device", "cpu", "--val"],
+        env=TRAIN_ENV)
+    assert summary.is_file()
+
+
+def test_predict_writes_segmentations_with_input_geometry(lora_run, workspace, target, tmp_path):
+    images = workspace / "nnUNet_raw" / "Dataset501_SynthCTB" / "imagesTs"
+    run(["nnUNetv2_predict", "-i", images, "-o", tmp_path, "-d", target, "-c", "3d_fullres", "-f", "0",
+         "-p", "FSEFTPlans", "-tr", LORA, "-device", "cpu", "--disable_tta"])
+    inputs = sorted(glob.glob(str(images / "*_0000.nii.gz")))
+    assert len(inputs) == 2
+    for path in inputs:
+        img = sitk.ReadImage(path)
+        seg = sitk.ReadImage(str(tmp_path / os.path.basename(path).replace("_0000", "")))
+        assert seg.GetSize() == img.GetSize()
+        np.testing.assert_allclose(seg.GetSpacing(), img.GetSpacing(), rtol=1e-5)
+        np.testing.assert_allclose(seg.GetOrigin(), img.GetOrigin(), atol=1e-4)
+        np.testing.assert_allclose(seg.GetDirection(), img.GetDirection(), atol=1e-6)
+        assert set(np.unique(sitk.GetArrayFromImage(seg))) <= {0, 1}
+
+
+def test_pretrained_weights_route(workspace, foundation, target):
+    """The standard nnU-Net transfer route: plans without our record plus -pretrained_weights."""
+    pre = workspace / "nnUNet_preprocessed" / "Dataset501_SynthCTB"
+    plans = json.load(open(pre / "FSEFTPlans.json"))
+    del plans[PLANS_KEY]
+    plans["plans_name"] = "PlainPlans"  # same data_identifier: reuses the preprocessed data
+    json.dump(plans, open(pre / "PlainPlans.json", "w"))
+    ckpt = foundation / "fold_all" / "checkpoint_final.pth"
+    run(["nnUNetv2_train", target, "3d_fullres", "1", "-p", "PlainPlans", "-tr", LORA, "-device", "cpu",
+         "-pretrained_weights", ckpt], env=TRAIN_ENV)
+    assert_foundation_untouched(results_folder(workspace, LORA, "PlainPlans") / "fold_1" / "checkpoint_final.pth",
+                                foundation)
+
+    shutil.rmtree(results_folder(workspace, LORA, "PlainPlans"))
+    p = run(["nnUNetv2_train", target, "3d_fullres", "1", "-p", "PlainPlans", "-tr", LORA, "-device", "cpu"],
+            env=TRAIN_ENV, check=False)
+    assert p.returncode != 0 and "No foundation weights were loaded" in p.stdout
+
+
+def test_plans_that_do_not_match_the_foundation_name_the_tensor(workspace, target):
+    pre = workspace / "nnUNet_preprocessed" / "Dataset501_SynthCTB"
+    plans = json.load(open(pre / "FSEFTPlans.json"))
+    plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"][-1] *= 2
+    plans["plans_name"] = "WiderPlans"
+    json.dump(plans, open(pre / "WiderPlans.json", "w"))
+    p = run(["nnUNetv2_train", target, "3d_fullres", "0", "-p", "WiderPlans", "-tr", LORA, "-device", "cpu"],
+            env=TRAIN_ENV, check=False)
+    assert p.returncode != 0
+    assert "has shape" in p.stdout and "in the network" in p.stdout
+
+
+def test_unknown_plans_name_fails_before_training(target):
+    p = run(["nnUNetv2_train", target, "3d_fullres", "0", "-p", "NoSuchPlans", "-tr", LORA, "-device", "cpu"],
+            env=TRAIN_ENV, check=False)
+    assert p.returncode != 0 and "NoSuchPlans.json" in p.stdout

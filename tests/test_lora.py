@@ -1,0 +1,441 @@
+"""LoRA injection on nnU-Net's dynamic networks (PlainConvUNet, ResidualEncoderUNet; 3D and 2D).
+
+Tiny networks (features 4, 8, 16; three stages) and 16^3 / 32^2 inputs keep every test fast on CPU.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+from torch import nn
+
+from nnunet_fseft.parameters import count_parameters
+from nnunet_fseft.tuners.lora import (LORA_CLASSES, LoRAConv2d, LoRAConv3d, LoRAConvTranspose2d,
+                                      LoRAConvTranspose3d, inject_lora, lora_weight)
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+LORA_TYPES = tuple(LORA_CLASSES.values())
+TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny tensors: intra-op threads only add wake-up overhead (about 20 ms per op on 2 cores).
+    Restored afterwards, so other test modules are unaffected."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny networks
+# ----------------------------------------------------------------------------------------------
+
+def _common_kwargs(dim: int, deep_supervision: bool) -> dict:
+    return dict(input_channels=1, n_stages=3, features_per_stage=(4, 8, 16),
+                conv_op=nn.Conv3d if dim == 3 else nn.Conv2d, kernel_sizes=3, strides=(1, 2, 2),
+                num_classes=3, n_conv_per_stage_decoder=1, conv_bias=True,
+                norm_op=nn.InstanceNorm3d if dim == 3 else nn.InstanceNorm2d,
+                norm_op_kwargs={"eps": 1e-5, "affine": True}, dropout_op=None, dropout_op_kwargs=None,
+                nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True}, deep_supervision=deep_supervision)
+
+
+def plain3d(deep_supervision=True):
+    return PlainConvUNet(n_conv_per_stage=2, **_common_kwargs(3, deep_supervision))
+
+
+def resenc3d(deep_supervision=True):
+    return ResidualEncoderUNet(n_blocks_per_stage=(1, 1, 1), **_common_kwargs(3, deep_supervision))
+
+
+def plain2d(deep_supervision=True):
+    return PlainConvUNet(n_conv_per_stage=2, **_common_kwargs(2, deep_supervision))
+
+
+INPUT_SHAPES = {plain3d: (1, 1, 16, 16, 16), resenc3d: (1, 1, 16, 16, 16), plain2d: (1, 1, 32, 32)}
+NETWORKS = pytest.mark.parametrize("factory", [plain3d, resenc3d, plain2d], ids=["plain3d", "resenc3d", "plain2d"])
+
+
+def make(factory, seed=0):
+    torch.manual_seed(seed)
+    net = factory()
+    x = torch.randn(INPUT_SHAPES[factory])
+    return net, x
+
+
+def as_list(out):
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+def head_module_ids(net: nn.Module) -> set:
+    """Every module reachable under a `seg_layers` name, whatever alias reaches it."""
+    return {id(m) for name, m in net.named_modules(remove_duplicate=False) if ".seg_layers." in f".{name}."}
+
+
+def non_head_convs(net: nn.Module) -> dict:
+    """id -> module for every distinct conv / transposed conv outside the head."""
+    head = head_module_ids(net)
+    return {id(m): m for _, m in net.named_modules(remove_duplicate=False)
+            if isinstance(m, CONV_TYPES) and id(m) not in head}
+
+
+def executed_modules(net: nn.Module, x: torch.Tensor) -> dict:
+    """id -> module for every module object whose forward ran during `net(x)`."""
+    ran = {}
+
+    def record(mod, inp, out):
+        ran[id(mod)] = mod  # returns None: the output is left alone
+
+    handles = [m.register_forward_hook(record) for m in net.modules()]
+    try:
+        with torch.no_grad():
+            net(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return ran
+
+
+def own_lora_A(m: nn.Module) -> list:
+    return [n for n, _ in m.named_parameters(recurse=False) if "lora_A" in n]
+
+
+def trainer_lora():
+    # imported lazily: pulls in nnU-Net's trainer
+    from nnunet_fseft.trainers import nnUNetTrainerFSEFT_LoRA
+    return nnUNetTrainerFSEFT_LoRA
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Step-0 identity
+# ----------------------------------------------------------------------------------------------
+
+@NETWORKS
+def test_injected_network_computes_the_foundation_function_at_step_0(factory):
+    net, x = make(factory)
+    foundation = copy.deepcopy(net)
+    names = inject_lora(net, rank=4, alpha=8.0)
+    assert names, "nothing was adapted"
+    net.eval()
+    foundation.eval()
+    with torch.no_grad():
+        got, ref = as_list(net(x)), as_list(foundation(x))
+    assert len(got) == len(ref) == 2  # deep supervision: one output per decoder stage
+    for g, r in zip(got, ref):
+        assert g.shape == r.shape
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Every convolution of the forward path is adapted exactly once
+# ----------------------------------------------------------------------------------------------
+
+@NETWORKS
+def test_every_forward_conv_is_adapted_exactly_once(factory):
+    net, x = make(factory)
+    net.eval()
+    convs_before = non_head_convs(net)
+    aliased_names = [n for n, m in net.named_modules(remove_duplicate=False) if id(m) in convs_before]
+    # the traps are really there: convs are reachable under several names
+    assert len(aliased_names) > len(convs_before)
+    assert net.decoder.encoder is net.encoder
+
+    names = inject_lora(net, rank=4, alpha=8.0)
+
+    # one name per distinct non-head conv, each naming a distinct adapted module
+    assert len(names) == len(convs_before)
+    adapted = [net.get_submodule(n) for n in names]
+    assert len({id(m) for m in adapted}) == len(names)
+    assert {id(m) for m in adapted} == set(convs_before)
+    assert all(isinstance(m, LORA_TYPES) for m in adapted)
+
+    # what actually runs in forward: every non-head conv is a LoRA conv, and every one of them runs
+    ran = executed_modules(net, x)
+    head = head_module_ids(net)
+    ran_convs = {i: m for i, m in ran.items() if isinstance(m, CONV_TYPES) and i not in head}
+    assert set(ran_convs) == set(convs_before)
+    not_adapted = [type(m).__name__ for m in ran_convs.values() if not isinstance(m, LORA_TYPES)]
+    assert not_adapted == []
+
+    # the head is trained in full, not adapted
+    head_convs = [m for m in net.decoder.seg_layers]
+    assert head_convs and all(type(m) in (nn.Conv2d, nn.Conv3d) for m in head_convs)  # plain, not LoRA
+    assert not any("fseft_" in n for n, _ in net.decoder.seg_layers.named_parameters())
+
+    # exactly one A (and one B) per adapted module, and as many A tensors as adapted modules
+    for m in net.modules():
+        assert len(own_lora_A(m)) <= 1
+    for m in adapted:
+        assert own_lora_A(m) == ["fseft_lora_A"]
+    assert sum(1 for n, _ in net.named_parameters() if n.endswith("fseft_lora_A")) == len(names)
+    assert sum(1 for n, _ in net.named_parameters() if n.endswith("fseft_lora_B")) == len(names)
+
+    # `.conv` and `.all_modules[0]` are one and the same LoRA module
+    blocks = [m for m in net.modules() if hasattr(m, "conv") and hasattr(m, "all_modules")]
+    assert blocks
+    for b in blocks:
+        assert b.conv is b.all_modules[0]
+        assert isinstance(b.conv, LORA_TYPES)
+    assert net.decoder.encoder is net.encoder
+
+    # transposed convs are adapted
+    assert len(net.decoder.transpconvs) == 2
+    for t in net.decoder.transpconvs:
+        assert isinstance(t, (LoRAConvTranspose3d, LoRAConvTranspose2d))
+        assert t.fseft_lora_A.shape[1] == t.weight[0].numel()
+
+    if factory is resenc3d:  # the 1x1x1 skip projections are adapted too
+        skips = [m for n, m in net.encoder.named_modules() if ".skip." in f".{n}." and isinstance(m, CONV_TYPES)]
+        assert len(skips) == 2
+        assert all(isinstance(m, LoRAConv3d) and m.kernel_size == (1, 1, 1) for m in skips)
+
+
+@NETWORKS
+def test_second_injection_adds_nothing(factory):
+    net, x = make(factory)
+    net.eval()
+    first = inject_lora(net, rank=4, alpha=8.0)
+    with torch.no_grad():  # nonzero B, so a second adapter stacked on top would change the output
+        for n, p in net.named_parameters():
+            if n.endswith("fseft_lora_B"):
+                p.normal_(0, 0.1)
+        before = [o.clone() for o in as_list(net(x))]
+    n_params = count_parameters(net)[1]
+    keys = list(net.state_dict())
+
+    second = inject_lora(net, rank=4, alpha=8.0)
+
+    assert first and second == []
+    assert count_parameters(net)[1] == n_params
+    assert list(net.state_dict()) == keys
+    for m in net.modules():
+        assert len(own_lora_A(m)) <= 1
+    with torch.no_grad():
+        after = as_list(net(x))
+    for a, b in zip(after, before):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Freezing through the trainer's classmethod
+# ----------------------------------------------------------------------------------------------
+
+@NETWORKS
+def test_adapt_trains_only_adapters_and_head(factory):
+    cls = trainer_lora()
+    net, _ = make(factory)
+    returned = cls.adapt(net)
+    assert returned is net
+
+    named = list(net.named_parameters())
+    expected_trainable = {n for n, _ in named if "fseft_" in n or ".seg_layers." in f".{n}"}
+    actually_trainable = {n for n, p in named if p.requires_grad}
+    assert actually_trainable == expected_trainable
+    assert any("fseft_" in n for n in actually_trainable)
+    assert any(".seg_layers." in f".{n}" for n in actually_trainable)
+    assert len(actually_trainable) < len(named)  # something is frozen
+
+    # hyper-parameters come from the trainer class
+    assert all(p.shape[0] == cls.rank for n, p in named if n.endswith("fseft_lora_A"))
+
+    trainable, total = count_parameters(net)
+    assert total == sum(p.numel() for _, p in named)
+    assert trainable == sum(p.numel() for n, p in named if n in expected_trainable)
+    assert 0 < trainable < total
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Training moves the adapters and the head only
+# ----------------------------------------------------------------------------------------------
+
+@NETWORKS
+def test_training_updates_adapters_and_leaves_frozen_weights_bit_identical(factory):
+    cls = trainer_lora()
+    net, x = make(factory)
+    foundation = copy.deepcopy(net)
+    cls.adapt(net)
+    frozen = {n: p.detach().clone() for n, p in net.named_parameters() if not p.requires_grad}
+    assert frozen
+    lora_modules = [m for m in net.modules() if isinstance(m, LORA_TYPES)]
+    assert lora_modules
+
+    torch.manual_seed(1)
+    with torch.no_grad():
+        targets = [torch.randn_like(o) for o in as_list(net(x))]
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    net.train()
+    for step in range(3):
+        optimizer.zero_grad()
+        loss = sum(F.mse_loss(o, t) for o, t in zip(as_list(net(x)), targets))
+        loss.backward()
+        if step == 0:
+            for m in lora_modules:
+                assert m.fseft_lora_B.grad is not None and m.fseft_lora_B.grad.abs().sum() > 0
+                # B is zero at step 0, so A cannot receive a gradient yet
+                assert m.fseft_lora_A.grad is None or torch.count_nonzero(m.fseft_lora_A.grad) == 0
+            for n, p in net.named_parameters():
+                if not p.requires_grad:
+                    assert p.grad is None, n
+        optimizer.step()
+
+    for n, p in net.named_parameters():
+        if n in frozen:
+            assert torch.equal(p.detach(), frozen[n]), f"frozen parameter {n} changed"
+    for m in lora_modules:
+        assert torch.count_nonzero(m.fseft_lora_B) > 0
+        assert not torch.equal(lora_weight(m), m.weight)
+
+    net.eval()
+    foundation.eval()
+    with torch.no_grad():
+        diffs = [(a - b).abs().max().item() for a, b in zip(as_list(net(x)), as_list(foundation(x)))]
+    assert max(diffs) > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. The predictor's path: build_network_architecture on the class rebuilds the same keys
+# ----------------------------------------------------------------------------------------------
+
+def _plans(arch: str) -> dict:
+    kwargs = {"n_stages": 3, "features_per_stage": [4, 8, 16],
+              "conv_op": "torch.nn.modules.conv.Conv3d",
+              "kernel_sizes": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+              "n_conv_per_stage_decoder": [1, 1], "conv_bias": True,
+              "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+              "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+              "dropout_op": None, "dropout_op_kwargs": None,
+              "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}}
+    if arch == "PlainConvUNet":
+        kwargs["n_conv_per_stage"] = [2, 2, 2]
+    else:
+        kwargs["n_blocks_per_stage"] = [1, 1, 1]
+    return {"dataset_name": "Dataset999_Tiny", "plans_name": "nnUNetPlans",
+            "configurations": {"3d_fullres": {
+                "patch_size": [16, 16, 16],
+                "architecture": {"network_class_name": f"dynamic_network_architectures.architectures.unet.{arch}",
+                                 "arch_kwargs": kwargs,
+                                 "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}}}}
+
+
+def _managers(arch):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    pm = PlansManager(_plans(arch))
+    return pm, pm.get_configuration("3d_fullres")
+
+
+ARCHS = pytest.mark.parametrize("arch", ["PlainConvUNet", "ResidualEncoderUNet"])
+
+
+@ARCHS
+def test_build_network_architecture_rebuilds_a_strictly_loadable_network(arch, tmp_path):
+    cls = trainer_lora()
+    pm, cm = _managers(arch)
+    torch.manual_seed(0)
+    trained = cls.build_network_architecture(pm, cm, 1, 3, enable_deep_supervision=False)
+    assert any("fseft_lora_B" in k for k in trained.state_dict())
+    with torch.no_grad():  # stands in for training: every tensor moves, B becomes nonzero
+        for p in trained.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    torch.save(trained.state_dict(), tmp_path / "checkpoint.pth")
+
+    torch.manual_seed(123)
+    rebuilt = cls.build_network_architecture(pm, cm, 1, 3, enable_deep_supervision=False)
+    assert type(rebuilt) is type(trained)
+    x = torch.randn(1, 1, 16, 16, 16)
+    trained.eval()
+    rebuilt.eval()
+    with torch.no_grad():
+        assert not torch.allclose(rebuilt(x), trained(x), atol=1e-4)
+
+    result = rebuilt.load_state_dict(torch.load(tmp_path / "checkpoint.pth", weights_only=True), strict=True)
+    assert list(result.missing_keys) == [] and list(result.unexpected_keys) == []
+    with torch.no_grad():
+        out = rebuilt(x)
+        assert isinstance(out, torch.Tensor)  # deep supervision off, as the predictor asks
+        torch.testing.assert_close(out, trained(x), atol=1e-5, rtol=0)
+    assert ({n for n, p in rebuilt.named_parameters() if p.requires_grad}
+            == {n for n, p in trained.named_parameters() if p.requires_grad})
+
+
+@ARCHS
+def test_foundation_state_dict_loads_into_adapted_network(arch):
+    """Adapters keep the foundation's keys: only adapter tensors are missing, nothing is unexpected."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    cls = trainer_lora()
+    pm, cm = _managers(arch)
+    torch.manual_seed(0)
+    foundation = nnUNetTrainer.build_network_architecture(pm, cm, 1, 3, enable_deep_supervision=False)
+    torch.manual_seed(1)
+    adapted = cls.build_network_architecture(pm, cm, 1, 3, enable_deep_supervision=False)
+    result = adapted.load_state_dict(foundation.state_dict(), strict=False)
+    assert list(result.unexpected_keys) == []
+    adapter_keys = {k for k in adapted.state_dict() if "fseft_" in k}
+    assert adapter_keys and set(result.missing_keys) == adapter_keys
+    x = torch.randn(1, 1, 16, 16, 16)
+    foundation.eval()
+    adapted.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(x), foundation(x), atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. The weight-space form, checked against functional convolutions
+# ----------------------------------------------------------------------------------------------
+
+DIMS = pytest.mark.parametrize("dim", [3, 2])
+
+
+def _adapt_single(module, rank, alpha):
+    holder = nn.Sequential(module)
+    assert inject_lora(holder, rank=rank, alpha=alpha) == ["0"]
+    m = holder[0]
+    with torch.no_grad():
+        m.fseft_lora_B.normal_()
+    return m
+
+
+@DIMS
+def test_lora_conv_equals_conv_with_merged_weight(dim):
+    torch.manual_seed(0)
+    conv_cls, fn = (nn.Conv3d, F.conv3d) if dim == 3 else (nn.Conv2d, F.conv2d)
+    rank, alpha = 2, 6.0
+    m = _adapt_single(conv_cls(3, 5, kernel_size=3, stride=2, padding=1, bias=True), rank, alpha)
+    assert type(m) is (LoRAConv3d if dim == 3 else LoRAConv2d)
+    A, B, W = m.fseft_lora_A, m.fseft_lora_B, m.weight
+    assert A.shape == (rank, 3 * 3 ** dim) and B.shape == (5, rank)
+    x = torch.randn((1, 3) + (10,) * dim)
+    with torch.no_grad():
+        merged = W + (alpha / rank) * (B @ A).view_as(W)
+        expected = fn(x, merged, m.bias, stride=2, padding=1)
+        got = m(x)
+        plain = fn(x, W, m.bias, stride=2, padding=1)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert (got - plain).abs().max() > 1e-2  # B really contributes
+
+
+@DIMS
+def test_lora_transposed_conv_equals_transposed_conv_with_merged_weight(dim):
+    torch.manual_seed(0)
+    conv_cls, fn = (nn.ConvTranspose3d, F.conv_transpose3d) if dim == 3 else (nn.ConvTranspose2d, F.conv_transpose2d)
+    rank, alpha = 2, 6.0
+    m = _adapt_single(conv_cls(5, 3, kernel_size=3, stride=2, padding=1, bias=True), rank, alpha)
+    assert type(m) is (LoRAConvTranspose3d if dim == 3 else LoRAConvTranspose2d)
+    A, B, W = m.fseft_lora_A, m.fseft_lora_B, m.weight
+    # transposed weights are (in, out, k...): B spans the first dim, A the rest
+    assert A.shape == (rank, 3 * 3 ** dim) and B.shape == (5, rank)
+    x = torch.randn((1, 5) + (6,) * dim)
+    with torch.no_grad():
+        merged = W + (alpha / rank) * (B @ A).view_as(W)
+        expected = fn(x, merged, m.bias, stride=2, padding=1)
+        got = m(x)
+        plain = fn(x, W, m.bias, stride=2, padding=1)
+        # output_size selects the output padding, as for nn.ConvTranspose
+        got_sized = m(x, output_size=[12] * dim)
+        expected_sized = fn(x, merged, m.bias, stride=2, padding=1, output_padding=1)
+    assert got.shape[2:] == (11,) * dim
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert (got - plain).abs().max() > 1e-2
+    assert got_sized.shape[2:] == (12,) * dim
+    torch.testing.assert_close(got_sized, expected_sized, atol=1e-5, rtol=0)
