@@ -19,11 +19,11 @@ import time
 FOUNDATION_ID, TARGET_ID = 100, 501
 BASE_ORGANS = ["liver", "spleen", "kidney_left", "kidney_right", "stomach"]
 NOVEL_ORGAN = "pancreas"
-SHAPE = 48
+SHAPE = 40
 K = 1
 # (epochs, iterations per epoch). CPU: the budget of a 2-core laptop; CUDA: a few minutes on a GPU.
 SCHEDULES = {
-    "cpu": {"foundation": (30, 20), "finetune": (25, 20)},
+    "cpu": {"foundation": (35, 20), "finetune": (25, 20)},
     "cuda": {"foundation": (100, 50), "finetune": (50, 50)},
 }
 METHODS = ["LoRA", "FullFT"]
@@ -101,13 +101,13 @@ def run_demo(workdir: str, device: str = "cpu") -> dict:
     d.say(f"   foundation trained in {foundation_time:.0f} s")
 
     d.say(f"3/6 adopting the foundation for the target and drawing a {K}-shot split")
-    with open(d.log, "a") as log:  # adopt prints nnU-Net's preprocessing output
-        stdout = sys.stdout
-        sys.stdout = log
+    with open(d.log, "a") as log:  # adopt prints nnU-Net's preprocessing output and progress bars
+        streams = sys.stdout, sys.stderr
+        sys.stdout = sys.stderr = log
         try:
             adopt(foundation, str(TARGET_ID))
         finally:
-            sys.stdout = stdout
+            sys.stdout, sys.stderr = streams
     write_kshot_splits(str(TARGET_ID), K, repeats=1, seed=0, test=2)
 
     rows = []

@@ -33,6 +33,13 @@ def env_int(name: str, default: int) -> int:
     return int(value)
 
 
+def set_schedule(trainer: nnUNetTrainer, epochs: int, iterations: int, val_iterations: int) -> None:
+    """The trainer's schedule; nnUNet_fseft_epochs / nnUNet_fseft_iters_per_epoch override it."""
+    trainer.num_epochs = env_int("nnUNet_fseft_epochs", epochs)
+    trainer.num_iterations_per_epoch = env_int("nnUNet_fseft_iters_per_epoch", iterations)
+    trainer.num_val_iterations_per_epoch = min(val_iterations, trainer.num_iterations_per_epoch)
+
+
 class nnUNetTrainerFSEFT(nnUNetTrainer):
     tuner = None  # method name in nnunet_fseft.tuners.registry.TUNERS; None adds no adapters
     trainable = ("all",)  # parameter groups it trains (nnunet_fseft.parameters.PARAMETER_GROUPS)
@@ -48,9 +55,7 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = env_int("nnUNet_fseft_epochs", self.epochs)
-        self.num_iterations_per_epoch = env_int("nnUNet_fseft_iters_per_epoch", self.iterations_per_epoch)
-        self.num_val_iterations_per_epoch = min(self.val_iterations_per_epoch, self.num_iterations_per_epoch)
+        set_schedule(self, self.epochs, self.iterations_per_epoch, self.val_iterations_per_epoch)
         self.initial_lr = self.learning_rate
         self.weight_decay = self.weight_decay_fseft
         self.foundation = recorded_foundation(self.plans_manager.plans)

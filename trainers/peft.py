@@ -3,9 +3,10 @@ from nnunet_fseft.trainers.nnUNetTrainerFSEFT import nnUNetTrainerFSEFT
 
 
 class nnUNetTrainerFSEFT_FullFT(nnUNetTrainerFSEFT):
-    """Full fine-tuning: every foundation weight and a new head (FSEFT paper: AdamW, lr 1e-4)."""
+    """Full fine-tuning: every foundation weight and a new head. The FSEFT paper's lr 1e-4 is
+    too slow for short schedules (README, Schedule)."""
     trainable = ("all",)
-    learning_rate = 1e-4
+    learning_rate = 1e-3
 
 
 class nnUNetTrainerFSEFT_LoRA(nnUNetTrainerFSEFT):
@@ -14,4 +15,4 @@ class nnUNetTrainerFSEFT_LoRA(nnUNetTrainerFSEFT):
     trainable = ("adapters", "head")
     rank = 8
     alpha = 8.0
-    learning_rate = 1e-3
+    learning_rate = 1e-2  # 1e-3 collapsed to background on the demo task (README, Schedule)
