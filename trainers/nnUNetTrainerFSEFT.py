@@ -3,9 +3,11 @@
 A method subclass sets only its name (`tuner`), the parameter groups it trains
 (`trainable`) and its hyper-parameters as class attributes.
 
-Where the foundation comes from:
-- recorded in the plans by `nnunet-fseft adopt`: loaded in `initialize()`, after the
-  adapted network is built and before nnU-Net wraps it in DDP / torch.compile;
+Adapters are injected when the network is built (`build_network_architecture`), so they are
+in place before nnU-Net wraps the network in DDP / torch.compile, and the predictor, which
+calls that classmethod, rebuilds the same network. Where the foundation comes from:
+- recorded in the plans by `nnunet-fseft adopt`: loaded at the end of `initialize()` into
+  the (unwrapped) adapted network; its keys are the foundation's, adapters and head aside;
 - `-pretrained_weights F` with plans that record none: nnU-Net loads F into the network
   right after `initialize()` and checks that every tensor of the network is in F, so the
   network is built plain and the adapters are injected in `on_train_start`.
