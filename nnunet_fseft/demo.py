@@ -23,7 +23,7 @@ SHAPE = 40
 K = 1
 # (epochs, iterations per epoch). CPU: the budget of a 2-core laptop; CUDA: a few minutes on a GPU.
 SCHEDULES = {
-    "cpu": {"foundation": (35, 20), "finetune": (25, 20)},
+    "cpu": {"foundation": (30, 20), "finetune": (25, 20)},
     "cuda": {"foundation": (100, 50), "finetune": (50, 50)},
 }
 METHODS = ["LoRA", "FullFT"]
