@@ -54,7 +54,8 @@ def adopt(foundation: str, target: str, fold: str = "all", checkpoint: str = "ch
     raw, preprocessed = require_env("nnUNet_raw"), require_env("nnUNet_preprocessed")
     trainer, source_plans, configuration = parse_model_folder(foundation)
     ckpt_path = foundation_checkpoint(foundation, fold, checkpoint)
-    read_checkpoint(ckpt_path)  # refuses a file that is not a safe nnU-Net checkpoint
+    weights = read_checkpoint(ckpt_path)["network_weights"]  # refuses unsafe or non-nnU-Net files
+    check_architecture(load_json(os.path.join(foundation, "plans.json")), configuration, weights, trainer)
     name = dataset_name(target)
     target_json = load_json(os.path.join(raw, name, "dataset.json"))
     foundation_json = load_json(os.path.join(foundation, "dataset.json"))
@@ -95,6 +96,23 @@ def adopt(foundation: str, target: str, fold: str = "all", checkpoint: str = "ch
     save_json_kept(plans, plans_file)
     preprocess_dataset(target_id, plans_name, [configuration], [num_processes])
     return plans_file, configuration
+
+
+def check_architecture(plans: dict, configuration: str, weights: dict, trainer: str) -> None:
+    """The network our trainers build from these plans must hold the foundation's tensors.
+    Fails for foundations whose trainer builds its own architecture (nnU-Net's Primus trainers,
+    for example), here rather than at the first nnUNetv2_train after preprocessing."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunet_fseft.foundation import foundation_weights
+    cm = PlansManager(plans).get_configuration(configuration)
+    first = next(k for k in weights if k.endswith("weight"))
+    network = nnUNetTrainer.build_network_architecture(PlansManager(plans), cm, weights[first].shape[1], 2, True)
+    try:
+        foundation_weights(network.state_dict(), weights, "checkpoint")
+    except ValueError as e:
+        raise ValueError(f"The foundation's weights do not fit the network nnU-Net builds from its plans "
+                         f"(was {trainer} a trainer with its own architecture?): {e}") from None
 
 
 def _refuse_foreign_plans(path: str, plans_name: str) -> None:

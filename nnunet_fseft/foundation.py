@@ -30,7 +30,7 @@ def sha256(path: str) -> str:
 
 # nnU-Net checkpoints also hold training logs and init args; these are the only
 # non-tensor types in them, so they are all weights_only=True needs to allow.
-_SAFE_GLOBALS = [getattr(np, "_core", None) and np._core.multiarray.scalar or np.core.multiarray.scalar, np.dtype, np.float64, np.float32, np.int64,
+_SAFE_GLOBALS = [(np._core if hasattr(np, "_core") else np.core).multiarray.scalar, np.dtype, np.float64, np.float32, np.int64,
                  type(np.dtype(np.float64)), type(np.dtype(np.float32)), type(np.dtype(np.int64))]
 
 
@@ -73,10 +73,15 @@ def foundation_weights(network_state: Dict[str, torch.Tensor], weights: Dict[str
     return {k: v for k, v in weights.items() if not is_head_parameter(k)}
 
 
-def load_foundation(network: nn.Module, checkpoint_path: str) -> None:
-    """Loads a foundation checkpoint into a (possibly adapted) unwrapped network, head excluded."""
-    weights = read_checkpoint(checkpoint_path)["network_weights"]
-    network.load_state_dict(foundation_weights(network.state_dict(), weights, checkpoint_path), strict=False)
+def load_foundation(network: nn.Module, record: dict) -> None:
+    """Loads the recorded foundation into a (possibly adapted) unwrapped network, head excluded."""
+    path = record["checkpoint"]
+    if os.path.isfile(path) and sha256(path) != record["sha256"]:
+        # repeats and methods must all start from the same weights
+        raise ValueError(f"Foundation {path} changed since `nnunet-fseft adopt` recorded it; "
+                         f"adopt it again (or restore the original file).")
+    weights = read_checkpoint(path)["network_weights"]
+    network.load_state_dict(foundation_weights(network.state_dict(), weights, path), strict=False)
 
 
 def unwrap(network: nn.Module) -> nn.Module:

@@ -87,3 +87,21 @@ def test_bad_schedule_override(target):
     p = run(["nnUNetv2_train", target, "3d_fullres", "0", "-p", "FSEFTPlans", "-tr", "nnUNetTrainerFSEFT_LoRA",
              "-device", "cpu"], env={**TRAIN_ENV, "nnUNet_fseft_epochs": "ten"}, check=False)
     assert p.returncode != 0 and "nnUNet_fseft_epochs must be a positive whole number" in p.stdout
+
+
+def test_foundation_whose_weights_do_not_fit_its_plans(workspace, foundation, target, tmp_path):
+    fake = tmp_path / foundation.name
+    shutil.copytree(foundation, fake)
+    plans = json.load(open(fake / "plans.json"))
+    plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"][0] *= 2
+    json.dump(plans, open(fake / "plans.json", "w"))
+    fails_with(["nnunet-fseft", "adopt", "--foundation", fake, "-d", target, "--plans-name", "Other"],
+               "do not fit the network")
+    assert not (workspace / "nnUNet_preprocessed" / "Dataset501_SynthCTB" / "Other.json").exists()
+
+
+def test_foundation_changed_since_adopt(foundation):
+    from nnunet_fseft.foundation import load_foundation
+    record = {"checkpoint": str(foundation / "fold_all" / "checkpoint_final.pth"), "sha256": "0" * 64}
+    with pytest.raises(ValueError, match="changed since `nnunet-fseft adopt`"):
+        load_foundation(torch.nn.Conv3d(1, 1, 1), record)

@@ -52,10 +52,13 @@ def test_lora_training_loads_foundation_and_trains_only_adapters(lora_run, found
 
 def test_resume_continues_from_checkpoint(lora_run, target):
     folder, _ = lora_run
-    run(["nnUNetv2_train", target, "3d_fullres", "0", "-p", "FSEFTPlans", "-tr", LORA, "-device", "cpu", "--c"],
-        env={**TRAIN_ENV, "nnUNet_fseft_epochs": "3"})
+    before = read_checkpoint(str(folder / "fold_0" / "checkpoint_final.pth"))["logging"]["train_losses"]
+    p = run(["nnUNetv2_train", target, "3d_fullres", "0", "-p", "FSEFTPlans", "-tr", LORA, "-device", "cpu", "--c"],
+            env={**TRAIN_ENV, "nnUNet_fseft_epochs": "3"})
+    assert "Loaded foundation" not in p.stdout  # weights come from our checkpoint
     ckpt = read_checkpoint(str(folder / "fold_0" / "checkpoint_final.pth"))
     assert ckpt["current_epoch"] == 3
+    assert ckpt["logging"]["train_losses"][:2] == before[:2] and len(ckpt["logging"]["train_losses"]) == 3
 
 
 def test_validation_only_rebuilds_the_network(lora_run, target):

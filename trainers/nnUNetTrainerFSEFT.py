@@ -89,7 +89,7 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
 
     def initialize(self):
         # nnU-Net gives the trainer no sign of -pretrained_weights; its command line is the only one.
-        pretrained_weights_follow = "-pretrained_weights" in sys.argv
+        pretrained_weights_follow = any(a.split("=")[0] == "-pretrained_weights" for a in sys.argv)
         if (self.foundation is None or pretrained_weights_follow) and not self._restoring:
             if self.is_ddp:
                 raise RuntimeError("Multi-GPU training needs the foundation recorded by `nnunet-fseft adopt` "
@@ -102,7 +102,7 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
         if self._inject_on_train_start:
             self._before_pretrained = next(unwrap(self.network).parameters()).detach().clone()
         elif not self._restoring:
-            load_foundation(unwrap(self.network), self.foundation["checkpoint"])
+            load_foundation(unwrap(self.network), self.foundation)
             self.print_to_log_file(f"Loaded foundation {self.foundation['checkpoint']}")
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
