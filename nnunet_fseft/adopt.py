@@ -55,13 +55,14 @@ def adopt(foundation: str, target: str, fold: str = "all", checkpoint: str = "ch
     trainer, source_plans, configuration = parse_model_folder(foundation)
     ckpt_path = foundation_checkpoint(foundation, fold, checkpoint)
     weights = read_checkpoint(ckpt_path)["network_weights"]  # refuses unsafe or non-nnU-Net files
-    check_architecture(load_json(os.path.join(foundation, "plans.json")), configuration, weights, trainer)
+    plans = load_json(os.path.join(foundation, "plans.json"))
+    check_architecture(plans, configuration, weights, trainer)
     name = dataset_name(target)
     target_json = load_json(os.path.join(raw, name, "dataset.json"))
     foundation_json = load_json(os.path.join(foundation, "dataset.json"))
     check_channels(foundation_json, target_json, name)
     _refuse_foreign_plans(os.path.join(preprocessed, name, plans_name + ".json"), plans_name)
-    plans = load_json(os.path.join(foundation, "plans.json"))
+    source_dataset = plans["dataset_name"]
     plans["dataset_name"] = name
     plans["plans_name"] = plans_name
     for c, cfg in plans["configurations"].items():
@@ -76,7 +77,7 @@ def adopt(foundation: str, target: str, fold: str = "all", checkpoint: str = "ch
         "trainer": trainer,
         "plans_name": source_plans,
         "configuration": configuration,
-        "dataset_name": load_json(os.path.join(foundation, "plans.json"))["dataset_name"],
+        "dataset_name": source_dataset,
         "labels": foundation_json["labels"],
     }
 
@@ -105,9 +106,10 @@ def check_architecture(plans: dict, configuration: str, weights: dict, trainer: 
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from nnunet_fseft.foundation import foundation_weights
-    cm = PlansManager(plans).get_configuration(configuration)
-    first = next(k for k in weights if k.endswith("weight"))
-    network = nnUNetTrainer.build_network_architecture(PlansManager(plans), cm, weights[first].shape[1], 2, True)
+    pm = PlansManager(plans)
+    first = next(k for k in weights if k.endswith("weight"))  # the input conv: its in-channels
+    network = nnUNetTrainer.build_network_architecture(pm, pm.get_configuration(configuration),
+                                                       weights[first].shape[1], 2, True)
     try:
         foundation_weights(network.state_dict(), weights, "checkpoint")
     except ValueError as e:

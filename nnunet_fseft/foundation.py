@@ -30,7 +30,8 @@ def sha256(path: str) -> str:
 
 # nnU-Net checkpoints also hold training logs and init args; these are the only
 # non-tensor types in them, so they are all weights_only=True needs to allow.
-_SAFE_GLOBALS = [(np._core if hasattr(np, "_core") else np.core).multiarray.scalar, np.dtype, np.float64, np.float32, np.int64,
+_NUMPY_CORE = np._core if hasattr(np, "_core") else np.core
+_SAFE_GLOBALS = [_NUMPY_CORE.multiarray.scalar, np.dtype, np.float64, np.float32, np.int64,
                  type(np.dtype(np.float64)), type(np.dtype(np.float32)), type(np.dtype(np.int64))]
 
 

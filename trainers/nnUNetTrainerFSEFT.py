@@ -42,6 +42,13 @@ def set_schedule(trainer: nnUNetTrainer, epochs: int, iterations: int, val_itera
     trainer.num_val_iterations_per_epoch = min(val_iterations, trainer.num_iterations_per_epoch)
 
 
+def adamw_poly(trainer: nnUNetTrainer):
+    """AdamW over the trainable parameters with nnU-Net's polynomial decay."""
+    params = [p for p in trainer.network.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=trainer.initial_lr, weight_decay=trainer.weight_decay)
+    return optimizer, PolyLRScheduler(optimizer, trainer.initial_lr, trainer.num_epochs)
+
+
 class nnUNetTrainerFSEFT(nnUNetTrainer):
     tuner = None  # method name in nnunet_fseft.tuners.registry.TUNERS; None adds no adapters
     trainable = ("all",)  # parameter groups it trains (nnunet_fseft.parameters.PARAMETER_GROUPS)
@@ -110,9 +117,7 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
         super().load_checkpoint(filename_or_checkpoint)
 
     def configure_optimizers(self):
-        params = [p for p in self.network.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.initial_lr, weight_decay=self.weight_decay)
-        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+        return adamw_poly(self)
 
     def on_train_start(self):
         if not self.was_initialized:

@@ -1,10 +1,9 @@
 """nnU-Net training of a (small) foundation, shortened for the demo and tests."""
 import torch
-from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoMirroring import \
     nnUNetTrainerNoMirroring
 
-from nnunet_fseft.trainers.nnUNetTrainerFSEFT import set_schedule
+from nnunet_fseft.trainers.nnUNetTrainerFSEFT import adamw_poly, set_schedule
 
 
 class nnUNetTrainerFSEFT_Pretrain(nnUNetTrainerNoMirroring):
@@ -23,5 +22,4 @@ class nnUNetTrainerFSEFT_Pretrain(nnUNetTrainerNoMirroring):
         self.initial_lr = self.learning_rate
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
-        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+        return adamw_poly(self)
