@@ -1,12 +1,15 @@
-"""Training step time and peak memory of each method against full fine-tuning, side by side.
+"""Cost of each method against full fine-tuning, side by side in one run.
 
 Builds nnU-Net's default 3d_fullres network (PlainConvUNet, 6 stages, 32..320 features, as
-nnU-Net plans it for a 128^3 CT patch), adapts it with each trainer's own `adapt()`, and
-times training steps with nnU-Net's deep-supervised Dice + CE loss and AdamW, all methods
-in one process so that the ratios compare like with like.
+nnU-Net plans it for a 128^3 CT patch; `--arch resenc` for a ResEnc-M-like one), adapts it
+with each trainer's own `adapt()`, and reports per method: trainable parameters, adapter-file
+size (what `nnunet-fseft export` writes) against the full weights, and the time and peak memory
+of training steps with nnU-Net's deep-supervised Dice + CE loss and AdamW. Last, the inference
+time of a merged LoRA model against the foundation's.
 
     python benchmarks/step_cost.py                        # GPU if there is one, else CPU
     python benchmarks/step_cost.py --device cpu --patch 64 --steps 3
+    python benchmarks/step_cost.py --methods FullFT LoRA BitFit
 """
 import argparse
 import platform
@@ -18,10 +21,13 @@ from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
+from nnunet_fseft.adapter_file import _safetensors_bytes, trained_tensors
 from nnunet_fseft.parameters import count_parameters
-from nnunet_fseft.trainers import nnUNetTrainerFSEFT_FullFT, nnUNetTrainerFSEFT_LoRA
+from nnunet_fseft.trainers import METHODS as TRAINERS
+from nnunet_fseft.tuners.registry import merge_tuner
 
-METHODS = {"FullFT": nnUNetTrainerFSEFT_FullFT, "LoRA": nnUNetTrainerFSEFT_LoRA}
+PREFIX = "nnUNetTrainerFSEFT_"
+METHODS = {name[len(PREFIX):]: cls for name, cls in TRAINERS.items()}
 NUM_CLASSES = 5
 
 DEFAULT_3D_FULLRES = {
@@ -33,11 +39,26 @@ DEFAULT_3D_FULLRES = {
 }
 
 
-def build(method_cls, device):
-    net = get_network_from_plans("dynamic_network_architectures.architectures.unet.PlainConvUNet",
-                                 dict(DEFAULT_3D_FULLRES), ["conv_op", "norm_op", "dropout_op", "nonlin"],
-                                 1, NUM_CLASSES, deep_supervision=True)
-    return method_cls.adapt(net).to(device)
+RESENC_M = {**{k: v for k, v in DEFAULT_3D_FULLRES.items() if k != "n_conv_per_stage"},
+            "n_blocks_per_stage": [1, 3, 4, 6, 6, 6]}
+ARCHITECTURES = {"plain": ("PlainConvUNet", DEFAULT_3D_FULLRES), "resenc": ("ResidualEncoderUNet", RESENC_M)}
+
+
+def build(method_cls, args, device, deep_supervision=True):
+    name, kwargs = ARCHITECTURES[args.arch]
+    net = get_network_from_plans(f"dynamic_network_architectures.architectures.unet.{name}", dict(kwargs),
+                                 ["conv_op", "norm_op", "dropout_op", "nonlin"], 1, NUM_CLASSES,
+                                 deep_supervision=deep_supervision)
+    return (method_cls.adapt(net) if method_cls else net).to(device)
+
+
+def file_bytes(net) -> int:
+    return len(_safetensors_bytes(trained_tensors(net), {}))
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def nnunet_loss():
@@ -50,7 +71,8 @@ def nnunet_loss():
 
 def measure(method_cls, args, device):
     torch.manual_seed(0)
-    net = build(method_cls, device).train()
+    net = build(method_cls, args, device).train()
+    size = file_bytes(net)
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
     loss_fn = nnunet_loss()
     x = torch.randn(args.batch, 1, *[args.patch] * 3, device=device)
@@ -81,7 +103,37 @@ def measure(method_cls, args, device):
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
     trainable, total = count_parameters(net)
     del net, opt
-    return seconds, peak, trainable, total
+    return seconds, peak, trainable, total, size
+
+
+def inference_ms(net, args, device) -> float:
+    """Forward time of one patch, as the sliding-window predictor runs it."""
+    net.eval()
+    x = torch.randn(1, 1, *[args.patch] * 3, device=device)
+    amp = device.type == "cuda" and not args.fp32
+    with torch.no_grad(), torch.autocast(device.type, enabled=amp, dtype=torch.float16):
+        for _ in range(args.warmup):
+            net(x)
+        synchronize(device)
+        t = time.perf_counter()
+        for _ in range(args.steps * 2):
+            net(x)
+        synchronize(device)
+    return 1000 * (time.perf_counter() - t) / (args.steps * 2)
+
+
+def merged_inference(args, device):
+    """(foundation, LoRA unmerged, LoRA merged) inference ms, interleaved twice to even out drift."""
+    torch.manual_seed(0)
+    foundation = build(None, args, device, deep_supervision=False)
+    lora = build(METHODS["LoRA"], args, device, deep_supervision=False)
+    merged = build(METHODS["LoRA"], args, device, deep_supervision=False)
+    merge_tuner(merged, METHODS["LoRA"].tuner)
+    times = {"foundation": [], "LoRA": [], "LoRA merged": []}
+    for _ in range(2):
+        for name, net in zip(times, (foundation, lora, merged)):
+            times[name].append(inference_ms(net, args, device))
+    return {k: min(v) for k, v in times.items()}
 
 
 def main():
@@ -93,6 +145,8 @@ def main():
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--compile", action="store_true", help="torch.compile the network (GPU)")
     p.add_argument("--fp32", action="store_true", help="no fp16 autocast on GPU")
+    p.add_argument("--arch", default="plain", choices=sorted(ARCHITECTURES))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), help=f"default: all ({' '.join(METHODS)})")
     args = p.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -104,12 +158,21 @@ def main():
                                                         f"{torch.get_num_threads()} threads"
     print(f"# {machine}; torch {torch.__version__}; batch {args.batch}, patch {args.patch}^3, "
           f"{'fp16 autocast' if gpu and not args.fp32 else 'fp32'}{', compiled' if args.compile else ''}")
-    rows = {name: measure(cls, args, device) for name, cls in METHODS.items()}
-    base_t, base_m = rows["FullFT"][0], rows["FullFT"][1]
-    print(f"{'method':<8} {'trainable':>11} {'%':>6} {'step ms':>9} {'x FullFT':>9} {'peak GiB':>9} {'x FullFT':>9}")
-    for name, (sec, peak, trainable, total) in rows.items():
-        print(f"{name:<8} {trainable:>11,} {100 * trainable / total:>6.2f} {1000 * sec:>9.1f} {sec / base_t:>9.2f} "
+    names = ["FullFT"] + [m for m in args.methods if m != "FullFT"]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        p.error(f"unknown method(s) {unknown}; known: {' '.join(METHODS)}")
+    rows = {name: measure(METHODS[name], args, device) for name in names}
+    base_t, base_m, base_f = rows["FullFT"][0], rows["FullFT"][1], rows["FullFT"][4]
+    print(f"{'method':<22} {'trainable':>11} {'%':>6} {'file MB':>8} {'% full':>7} {'step ms':>9} {'x FullFT':>9} "
+          f"{'peak GiB':>9} {'x FullFT':>9}")
+    for name, (sec, peak, trainable, total, size) in rows.items():
+        print(f"{name:<22} {trainable:>11,} {100 * trainable / total:>6.2f} {size / 2 ** 20:>8.2f} "
+              f"{100 * size / base_f:>7.2f} {1000 * sec:>9.1f} {sec / base_t:>9.2f} "
               f"{peak:>9.2f} {peak / base_m if gpu else float('nan'):>9.2f}")
+    inf = merged_inference(args, device)
+    print(f"# inference, one {args.patch}^3 patch: " + ", ".join(
+        f"{k} {v:.1f} ms ({v / inf['foundation']:.3f}x)" for k, v in inf.items()))
 
 
 if __name__ == "__main__":

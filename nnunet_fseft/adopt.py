@@ -100,21 +100,20 @@ def adopt(foundation: str, target: str, fold: str = "all", checkpoint: str = "ch
 
 
 def check_architecture(plans: dict, configuration: str, weights: dict, trainer: str) -> None:
-    """The network our trainers build from these plans must hold the foundation's tensors.
-    Fails for foundations whose trainer builds its own architecture (nnU-Net's Primus trainers,
-    for example), here rather than at the first nnUNetv2_train after preprocessing."""
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    """The network built from these plans (by the foundation's own trainer where it builds its own
+    architecture, as nnU-Net's Primus trainers do) must hold the foundation's tensors; checked here
+    rather than at the first nnUNetv2_train after preprocessing."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnunet_fseft.foundation import foundation_weights
-    pm = PlansManager(plans)
+    from nnunet_fseft.foundation import architecture_trainer, foundation_weights
+    pm = PlansManager({**plans, PLANS_KEY: {"trainer": trainer}})
     first = next(k for k in weights if k.endswith("weight"))  # the input conv: its in-channels
-    network = nnUNetTrainer.build_network_architecture(pm, pm.get_configuration(configuration),
-                                                       weights[first].shape[1], 2, True)
+    network = architecture_trainer(pm.plans).build_network_architecture(
+        pm, pm.get_configuration(configuration), weights[first].shape[1], 2, True)
     try:
-        foundation_weights(network.state_dict(), weights, "checkpoint")
+        foundation_weights(network, weights, "checkpoint")
     except ValueError as e:
-        raise ValueError(f"The foundation's weights do not fit the network nnU-Net builds from its plans "
-                         f"(was {trainer} a trainer with its own architecture?): {e}") from None
+        raise ValueError(f"The foundation's weights do not fit the network that {trainer} builds from its "
+                         f"plans: {e}") from None
 
 
 def _refuse_foreign_plans(path: str, plans_name: str) -> None:

@@ -44,6 +44,48 @@ def cmd_demo(args):
     run_demo(args.workdir, args.device)
 
 
+def cmd_params(args):
+    from nnunet_fseft.adapter_file import load_plans, method_costs
+    from nnunet_fseft.model_folder import find_trainer
+    from nnunet_fseft.trainers import METHODS
+    plans, dataset_json = load_plans(args.d, args.p)
+    if args.c not in plans["configurations"]:
+        raise ValueError(f"Plans {args.p} have no configuration '{args.c}'; available: "
+                         f"{', '.join(plans['configurations'])}.")
+    trainers = [find_trainer(t) for t in args.tr] if args.tr else list(METHODS.values())
+    rows = method_costs(plans, dataset_json, args.c, trainers)
+    print(f"{'method':<44} {'trainable':>12} {'total':>12} {'%':>7} {'file':>10} {'% of full':>9}")
+    for r in rows:
+        print(f"{r['method']:<44} {r['trainable']:>12,} {r['total']:>12,} {100 * r['trainable'] / r['total']:>6.2f}% "
+              f"{_size(r['file_bytes']):>10} {100 * r['file_bytes'] / r['full_bytes']:>8.2f}%")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def cmd_export(args):
+    from nnunet_fseft.adapter_file import export_adapter
+    path, size = export_adapter(args.model_folder, args.o, args.f, args.checkpoint)
+    print(f"Wrote {path} ({_size(size)}) and {path}.json")
+
+
+def cmd_import(args):
+    from nnunet_fseft.adapter_file import import_adapter
+    path = import_adapter(args.file, args.foundation, args.o)
+    print(f"Wrote {path}; predict with nnUNetv2_predict_from_modelfolder -m {args.o} -f "
+          f"{os.path.basename(os.path.dirname(path))[len('fold_'):]} (or nnUNetv2_predict, if {args.o} is in nnUNet_results)")
+
+
+def cmd_merge(args):
+    from nnunet_fseft.adapter_file import merge_model
+    for path in merge_model(args.model_folder, args.o):
+        print(f"Wrote {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nnunet-fseft", description="Few-shot, parameter-efficient fine-tuning of "
                                 "nnU-Net foundation models through the standard nnU-Net commands.")
@@ -79,6 +121,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test", type=int, default=0, help="extra cases in imagesTs/labelsTs")
     s.add_argument("--shape", type=int, nargs=3, default=[48, 48, 48])
     s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("params", help="trainable and total parameters and adapter-file size of each method")
+    s.add_argument("-d", required=True, help="dataset id or name (preprocessed)")
+    s.add_argument("-p", default="FSEFTPlans", help="plans name (default FSEFTPlans)")
+    s.add_argument("-c", default="3d_fullres", help="configuration (default 3d_fullres)")
+    s.add_argument("-tr", nargs="+", default=None, help="trainers (default: every nnunet-fseft method)")
+    s.set_defaults(func=cmd_params)
+
+    s = sub.add_parser("export", help="write only what a method trained: a small adapter file")
+    s.add_argument("model_folder", help="nnU-Net results folder TRAINER__PLANS__CONFIGURATION")
+    s.add_argument("-o", required=True, help="adapter file to write (safetensors; FILE.json beside it)")
+    s.add_argument("-f", default="0", help="fold (default 0)")
+    s.add_argument("--checkpoint", default="checkpoint_final.pth")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("import", help="rebuild a model folder from an adapter file and its foundation")
+    s.add_argument("file", help="adapter file written by `nnunet-fseft export`")
+    s.add_argument("--foundation", required=True, help="the foundation's nnU-Net model folder")
+    s.add_argument("-o", required=True, help="model folder to write")
+    s.set_defaults(func=cmd_import)
+
+    s = sub.add_parser("merge", help="fold LoRA/BitFit/AffineNorm/FT into plain weights: a model folder for nnU-Net alone")
+    s.add_argument("model_folder", help="nnU-Net results folder TRAINER__PLANS__CONFIGURATION")
+    s.add_argument("-o", required=True, help="model folder to write (e.g. …/nnUNetTrainer__FSEFTPlans__3d_fullres)")
+    s.set_defaults(func=cmd_merge)
 
     s = sub.add_parser("demo", help="the whole few-shot loop on synthetic data, end to end")
     s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -1,5 +1,6 @@
 """The foundation a target dataset was adopted with: where its record lives, and how its
 weights are read and checked against a network before they are loaded."""
+import functools
 import hashlib
 import os
 import pickle
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nnunet_fseft.parameters import is_head_parameter
+from nnunet_fseft.parameters import head_names
 from nnunet_fseft.tuners import is_adapter_parameter
 
 # `nnunet-fseft adopt` writes this key into the plans; nnU-Net ignores keys it does not know.
@@ -53,15 +54,17 @@ def read_checkpoint(path: str) -> dict:
     return ckpt
 
 
-def foundation_weights(network_state: Dict[str, torch.Tensor], weights: Dict[str, torch.Tensor],
+def foundation_weights(network: nn.Module, weights: Dict[str, torch.Tensor],
                        source: str) -> Dict[str, torch.Tensor]:
     """The foundation tensors to load: every tensor of the network but adapters and head.
 
     Raises one sentence naming the first tensor whose name or shape does not match."""
     hint = ("the plans do not match the foundation: train with the plans `nnunet-fseft adopt` wrote "
             "for it, or adopt the foundation again")
+    network_state = network.state_dict()
+    head = head_names(network)
     for k, v in network_state.items():
-        if is_adapter_parameter(k) or is_head_parameter(k):
+        if is_adapter_parameter(k) or k in head:
             continue
         if k not in weights:
             raise ValueError(f"Foundation {source} has no tensor '{k}' that the network needs; {hint}.")
@@ -69,20 +72,51 @@ def foundation_weights(network_state: Dict[str, torch.Tensor], weights: Dict[str
             raise ValueError(f"Tensor '{k}' has shape {tuple(weights[k].shape)} in foundation {source} but "
                              f"{tuple(v.shape)} in the network; {hint}.")
     for k in weights:
-        if k not in network_state and not is_head_parameter(k):
+        if k not in network_state and k not in head:
             raise ValueError(f"Foundation {source} has a tensor '{k}' that the network lacks; {hint}.")
-    return {k: v for k, v in weights.items() if not is_head_parameter(k)}
+    return {k: v for k, v in weights.items() if k not in head}
 
 
-def load_foundation(network: nn.Module, record: dict) -> None:
-    """Loads the recorded foundation into a (possibly adapted) unwrapped network, head excluded."""
+def check_foundation_file(record: dict) -> str:
+    """The recorded checkpoint's path, after checking it is the very file that was adopted."""
     path = record["checkpoint"]
     if os.path.isfile(path) and sha256(path) != record["sha256"]:
         # repeats and methods must all start from the same weights
         raise ValueError(f"Foundation {path} changed since `nnunet-fseft adopt` recorded it; "
                          f"adopt it again (or restore the original file).")
+    return path
+
+
+def load_foundation(network: nn.Module, record: dict) -> None:
+    """Loads the recorded foundation into a (possibly adapted) unwrapped network, head excluded."""
+    path = check_foundation_file(record)
     weights = read_checkpoint(path)["network_weights"]
-    network.load_state_dict(foundation_weights(network.state_dict(), weights, path), strict=False)
+    network.load_state_dict(foundation_weights(network, weights, path), strict=False)
+
+
+def architecture_trainer(plans: dict):
+    """The nnU-Net trainer class whose `build_network_architecture` builds the foundation's
+    (plain) network: the trainer that trained it when that one builds its own architecture
+    (nnU-Net's Primus trainers), otherwise nnUNetTrainer, which builds the network the plans describe."""
+    record = recorded_foundation(plans)
+    return _architecture_trainer(record["trainer"] if record else "nnUNetTrainer")
+
+
+@functools.lru_cache(maxsize=None)
+def _architecture_trainer(name: str):
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    if name == "nnUNetTrainer":
+        return nnUNetTrainer
+    try:
+        trainer = recursive_find_trainer_class_by_name(name)
+    except (RuntimeError, AssertionError):
+        raise ValueError(f"The foundation's trainer {name} cannot be found, so its network "
+                         f"cannot be built; install the package that defines it or add its folder to "
+                         f"nnUNet_extTrainer.") from None
+    own = next((c for c in trainer.__mro__ if "build_network_architecture" in vars(c)), nnUNetTrainer)
+    # our own trainers build the plans' network too (with adapters); the plain one is nnU-Net's
+    return nnUNetTrainer if own.__module__.startswith("nnunet_fseft") else own
 
 
 def unwrap(network: nn.Module) -> nn.Module:

@@ -1,37 +1,66 @@
 """The one freezing rule and the one parameter counter.
 
 A method names the parameter groups it trains (class attribute `trainable` on the
-trainer); everything else is frozen. Groups are recognised by parameter name, so the
-rule also holds for a network rebuilt by the predictor.
+trainer); everything else is frozen. Groups are found from the network's anatomy and
+parameter names, so the same rule holds for the network the predictor rebuilds.
 """
-from typing import Callable, Dict, Iterable, Tuple
+from typing import Dict, Iterable, Set, Tuple
 
 from torch import nn
 
+from nnunet_fseft.anatomy import anatomy, within
 from nnunet_fseft.tuners import is_adapter_parameter
 
-# nnU-Net's segmentation head(s): one 1x1x1 conv per deep-supervision output.
-HEAD_TOKEN = ".seg_layers."
-
-PARAMETER_GROUPS: Dict[str, Callable[[str], bool]] = {
-    "all": lambda name: True,
-    "head": lambda name: HEAD_TOKEN in f".{name}",
-    "adapters": is_adapter_parameter,
-}
+# Normalisation layers whose scale and shift AffineNorm trains (LayerNormNd: Primus's decoder).
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
-def is_head_parameter(name: str) -> bool:
-    return PARAMETER_GROUPS["head"](name)
+def _is_norm(m: nn.Module) -> bool:
+    return isinstance(m, NORM_TYPES) or type(m).__name__ == "LayerNormNd"
+
+
+def parameter_groups(network: nn.Module) -> Dict[str, Set[str]]:
+    """Group name -> names of the network's parameters in it (shared tensors under their first name)."""
+    a = anatomy(network)
+    names = [n for n, _ in network.named_parameters()]
+    foundation = [n for n in names if not is_adapter_parameter(n)]
+    module_of = {n: n.rsplit(".", 1)[0] for n in names}
+    norms = {name for name, m in network.named_modules() if _is_norm(m) and not is_adapter_parameter(name)}
+    return {
+        "all": set(names),
+        "adapters": {n for n in names if is_adapter_parameter(n)},
+        "head": {n for n in foundation if within(module_of[n], a.head)},
+        "decoder": {n for n in foundation if within(module_of[n], a.decoder)},
+        "last_stage": {n for n in foundation if within(module_of[n], a.last_stage)},
+        "bias": {n for n in foundation if n.endswith(".bias")},
+        "norm": {n for n in foundation if module_of[n] in norms},
+    }
+
+
+PARAMETER_GROUPS = ("all", "adapters", "head", "decoder", "last_stage", "bias", "norm")
+
+
+def head_names(network: nn.Module) -> Set[str]:
+    """State-dict keys of the head (replaced for every target, so never taken from a foundation)."""
+    heads = anatomy(network).head
+    return {k for k in network.state_dict() if within(k.rsplit(".", 1)[0], heads)}
 
 
 def freeze(network: nn.Module, trainable: Iterable[str]) -> None:
     """Sets requires_grad on exactly the parameters of the named groups."""
+    trainable = list(trainable)
     unknown = [g for g in trainable if g not in PARAMETER_GROUPS]
     if unknown:
-        raise ValueError(f"Unknown parameter group(s) {unknown}; known groups: {sorted(PARAMETER_GROUPS)}.")
-    rules = [PARAMETER_GROUPS[g] for g in trainable]
+        raise ValueError(f"Unknown parameter group(s) {unknown}; known groups: {list(PARAMETER_GROUPS)}.")
+    groups = parameter_groups(network)
+    chosen = set().union(*(groups[g] for g in trainable))
     for name, p in network.named_parameters():
-        p.requires_grad_(any(rule(name) for rule in rules))
+        p.requires_grad_(name in chosen)
+
+
+def trained_names(network: nn.Module) -> Set[str]:
+    """Names of the parameters a method trains (what its adapter file holds)."""
+    return {n for n, p in network.named_parameters() if p.requires_grad}
 
 
 def count_parameters(network: nn.Module) -> Tuple[int, int]:

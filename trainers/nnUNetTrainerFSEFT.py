@@ -21,7 +21,7 @@ import torch
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_fseft.foundation import load_foundation, recorded_foundation, unwrap
+from nnunet_fseft.foundation import architecture_trainer, load_foundation, recorded_foundation, unwrap
 from nnunet_fseft.parameters import count_parameters, freeze
 from nnunet_fseft.tuners.registry import apply_tuner
 
@@ -89,7 +89,7 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
                                    num_output_channels, enable_deep_supervision: bool = True):
         # A classmethod, so that nnUNetPredictor (which calls it on the class) rebuilds
         # exactly the adapted network that was trained.
-        network = nnUNetTrainer.build_network_architecture(
+        network = architecture_trainer(plans_manager.plans).build_network_architecture(
             plans_manager, configuration_manager, num_input_channels, num_output_channels,
             enable_deep_supervision)
         return cls.adapt(network)
@@ -104,13 +104,23 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
                                    "foundation instead of passing -pretrained_weights.")
             # nnU-Net loads -pretrained_weights into this network next; it must not hold adapters yet.
             self._inject_on_train_start = True
-            self.build_network_architecture = nnUNetTrainer.build_network_architecture
+            self.build_network_architecture = architecture_trainer(self.plans_manager.plans).build_network_architecture
         super().initialize()
         if self._inject_on_train_start:
             self._before_pretrained = next(unwrap(self.network).parameters()).detach().clone()
         elif not self._restoring:
             load_foundation(unwrap(self.network), self.foundation)
             self.print_to_log_file(f"Loaded foundation {self.foundation['checkpoint']}")
+
+    def _build_loss(self):
+        # Primus has one output and no `decoder` to switch deep supervision on or off
+        if not hasattr(unwrap(self.network), "decoder"):
+            self.enable_deep_supervision = False
+        return super()._build_loss()
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        if hasattr(unwrap(self.network), "decoder"):
+            super().set_deep_supervision_enabled(enabled)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         self._restoring = True

@@ -1,6 +1,13 @@
-"""Fine-tuning methods: each a name, the parameter groups it trains and its hyper-parameters."""
+"""Fine-tuning methods: each a name, the parameter groups it trains and its hyper-parameters.
+
+Groups (nnunet_fseft.parameters): all, adapters, head, decoder, last_stage, bias, norm.
+Learning rates follow the demo task's sweep (README, Schedule): a frozen backbone with a few
+trained tensors needs a larger step than full fine-tuning to leave the head's background bias.
+"""
 from nnunet_fseft.trainers.nnUNetTrainerFSEFT import nnUNetTrainerFSEFT
 
+
+# --- baselines ------------------------------------------------------------------------------
 
 class nnUNetTrainerFSEFT_FullFT(nnUNetTrainerFSEFT):
     """Full fine-tuning: every foundation weight and a new head. The FSEFT paper's lr 1e-4 is
@@ -9,10 +16,93 @@ class nnUNetTrainerFSEFT_FullFT(nnUNetTrainerFSEFT):
     learning_rate = 1e-3
 
 
+class nnUNetTrainerFSEFT_DecoderFT(nnUNetTrainerFSEFT):
+    """Encoder frozen; decoder and head fine-tuned."""
+    trainable = ("decoder", "head")
+    learning_rate = 1e-3
+
+
+class nnUNetTrainerFSEFT_FTLast(nnUNetTrainerFSEFT):
+    """Only the last decoder stage and the head."""
+    trainable = ("last_stage", "head")
+    learning_rate = 3e-3
+
+
+# --- parameter-efficient --------------------------------------------------------------------
+
+class nnUNetTrainerFSEFT_BitFit(nnUNetTrainerFSEFT):
+    """Every bias term and the head."""
+    trainable = ("bias", "head")
+    learning_rate = 1e-2
+
+
+class nnUNetTrainerFSEFT_AffineNorm(nnUNetTrainerFSEFT):
+    """Scale and shift of every normalisation layer, and the head."""
+    trainable = ("norm", "head")
+    learning_rate = 1e-2
+
+
 class nnUNetTrainerFSEFT_LoRA(nnUNetTrainerFSEFT):
-    """LoRA in weight space on every conv and transposed conv; a new head."""
+    """LoRA in weight space on every conv and transposed conv (Primus: attention and MLP linears)."""
     tuner = "lora"
     trainable = ("adapters", "head")
     rank = 8
     alpha = 8.0
     learning_rate = 1e-2  # 1e-3 collapsed to background on the demo task (README, Schedule)
+
+
+class nnUNetTrainerFSEFT_AdaptFormer(nnUNetTrainerFSEFT):
+    """A bottleneck of 16 beside each block, scaled by 0.1 (FSEFT's setting)."""
+    tuner = "adaptformer"
+    trainable = ("adapters", "head")
+    bottleneck_width = 16
+    scale = 0.1
+    learning_rate = 1e-2
+
+
+class nnUNetTrainerFSEFT_ConvAdapter(nnUNetTrainerFSEFT):
+    """PEFT-MedNeXt's adapter after each encoder and decoder stage."""
+    tuner = "conv_adapter"
+    trainable = ("adapters", "head")
+    kernel_size = 3
+    expansion = 1  # 2 would exceed 5% of the default 3d_fullres network (`nnunet-fseft params`)
+    parallel = False
+    learning_rate = 1e-2
+
+
+class nnUNetTrainerFSEFT_ConvAdapterParallel(nnUNetTrainerFSEFT_ConvAdapter):
+    """PEFT-MedNeXt's adapter beside each encoder and decoder stage."""
+    parallel = True
+
+
+class nnUNetTrainerFSEFT_MedAdapter(nnUNetTrainerFSEFT):
+    """Med-Tuning's Med-Adapter after each encoder stage; the paper also tunes the decoder
+    (nnUNetTrainerFSEFT_MedAdapter_DecoderFT)."""
+    tuner = "med_adapter"
+    trainable = ("adapters", "head")
+    reduction = 6
+    kernel_sizes = (3, 5, 7)
+    slice_bins = 8
+    learning_rate = 1e-2
+
+
+# --- decoder tuning with a PEFT encoder: the FSEFT paper's best for novel structures ---------
+
+class nnUNetTrainerFSEFT_LoRA_DecoderFT(nnUNetTrainerFSEFT_LoRA):
+    trainable = ("adapters", "decoder", "head")
+    learning_rate = 1e-3
+
+
+class nnUNetTrainerFSEFT_AdaptFormer_DecoderFT(nnUNetTrainerFSEFT_AdaptFormer):
+    trainable = ("adapters", "decoder", "head")
+    learning_rate = 1e-3
+
+
+class nnUNetTrainerFSEFT_BitFit_DecoderFT(nnUNetTrainerFSEFT_BitFit):
+    trainable = ("bias", "decoder", "head")
+    learning_rate = 1e-3
+
+
+class nnUNetTrainerFSEFT_MedAdapter_DecoderFT(nnUNetTrainerFSEFT_MedAdapter):
+    trainable = ("adapters", "decoder", "head")
+    learning_rate = 1e-3

@@ -31,3 +31,22 @@ def inject(network: nn.Module, select: Callable[[str, nn.Module], bool],
     for _, m in chosen:
         adapt(m)
     return [name for name, _ in chosen]
+
+
+_EXTENDED = {}
+
+
+def extend(module: nn.Module, mixin: type, branch_name: str, branch: nn.Module) -> None:
+    """Turns `module` into an instance of a subclass of its own class with `mixin` first in
+    the method order, in place (so every alias sees it; see above), and adds `branch` to it.
+    The mixin's `forward` calls `super().forward` for the module's own computation."""
+    if isinstance(module, (nn.Sequential, nn.ModuleList)):
+        # nn.Sequential runs every child it holds: the branch would run as a layer
+        raise TypeError(f"cannot add an adapter branch to a {type(module).__name__}")
+    base = type(module)
+    cls = _EXTENDED.get((mixin, base))
+    if cls is None:
+        cls = type(f"{mixin.__name__}{base.__name__}", (mixin, base), {"fseft_base_class": base})
+        _EXTENDED[(mixin, base)] = cls
+    module.__class__ = cls
+    module.add_module(branch_name, branch.to(next(module.parameters()).device))

@@ -1,4 +1,4 @@
-"""LoRA for convolutions, computed in weight space.
+"""LoRA for convolutions and linear layers, computed in weight space.
 
 The convolution runs once with W + scale * (B @ A) reshaped to W's shape, instead of a
 parallel low-rank branch: shared NOTES section 4 measured the parallel branch at 1.33x
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_fseft.parameters import is_head_parameter
+from nnunet_fseft.anatomy import anatomy, within
 from nnunet_fseft.tuners import ADAPTER_TOKEN, inject
 
 A_NAME, B_NAME = ADAPTER_TOKEN + "lora_A", ADAPTER_TOKEN + "lora_B"
@@ -47,8 +47,15 @@ class LoRAConvTranspose2d(nn.ConvTranspose2d):
         return _transposed_forward(self, x, output_size, F.conv_transpose2d, 2)
 
 
+class LoRALinear(nn.Linear):
+    def forward(self, x):
+        return F.linear(x, lora_weight(self), self.bias)
+
+
 LORA_CLASSES = {nn.Conv3d: LoRAConv3d, nn.Conv2d: LoRAConv2d,
-                nn.ConvTranspose3d: LoRAConvTranspose3d, nn.ConvTranspose2d: LoRAConvTranspose2d}
+                nn.ConvTranspose3d: LoRAConvTranspose3d, nn.ConvTranspose2d: LoRAConvTranspose2d,
+                nn.Linear: LoRALinear}
+PLAIN_CLASSES = {v: k for k, v in LORA_CLASSES.items()}
 
 
 def add_lora(m: nn.Module, rank: int, alpha: float) -> None:
@@ -64,7 +71,23 @@ def add_lora(m: nn.Module, rank: int, alpha: float) -> None:
 
 
 def inject_lora(network: nn.Module, rank: int = 8, alpha: float = 8.0):
-    """LoRA on every conv and transposed conv of encoder and decoder; the head is trained in full."""
+    """LoRA on every conv and transposed conv of a conv U-Net, head excluded; on Primus, on the
+    attention and MLP linear layers of its transformer blocks."""
+    a = anatomy(network)
+
     def select(name, m):
-        return type(m) in LORA_CLASSES and not is_head_parameter(name + ".weight")
+        if a.transformer:
+            return type(m) is nn.Linear and within(name, ["eva.blocks"])
+        return type(m) in LORA_CLASSES and not within(name, a.head)
     return inject(network, select, lambda m: add_lora(m, rank, alpha))
+
+
+def merge_lora(network: nn.Module) -> None:
+    """Folds every LoRA update into its layer's weight; the layers become plain nnU-Net layers."""
+    for m in network.modules():
+        if type(m) in PLAIN_CLASSES:
+            with torch.no_grad():
+                m.weight.copy_(lora_weight(m))
+            del m._parameters[A_NAME], m._parameters[B_NAME]
+            del m.fseft_lora_scale
+            m.__class__ = PLAIN_CLASSES[type(m)]

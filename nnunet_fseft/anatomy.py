@@ -1,0 +1,95 @@
+"""Where things are in the networks nnU-Net builds: head, decoder, stages, blocks.
+
+Methods and the freezing rule ask this module instead of knowing each architecture:
+- conv U-Nets (`PlainConvUNet`, `ResidualEncoderUNet`, 2D or 3D): an encoder with conv
+  stages, a `UNetDecoder` whose `seg_layers` are the head(s);
+- `Primus` (nnU-Net's transformer): patch embedding, EVA blocks, a `PatchDecode` whose last
+  transposed conv is the head.
+"""
+from dataclasses import dataclass
+from typing import List, Tuple
+
+from torch import nn
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+@dataclass
+class Anatomy:
+    architecture: str            # class name of the network, for messages
+    transformer: bool            # True for Primus: encoder blocks are token MLPs, not conv stages
+    head: List[str]              # module names of the segmentation head(s)
+    decoder: List[str]           # module-name prefixes of the decoder, head included
+    last_stage: List[str]        # module names of the last decoder stage, head excluded
+    encoder_stages: List[str]    # conv stages of the encoder, in forward order ([] for Primus)
+    decoder_stages: List[str]    # conv stages of the decoder, in forward order ([] for Primus)
+    blocks: List[str]            # the blocks AdaptFormer sits beside (conv blocks, or Primus MLPs)
+
+
+def within(name: str, prefixes) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def anatomy(network: nn.Module) -> Anatomy:
+    kind = type(network).__name__
+    decoder = getattr(network, "decoder", None)
+    if hasattr(getattr(network, "encoder", None), "stages") and hasattr(decoder, "seg_layers"):
+        n = len(decoder.stages)
+        encoder_stages = [_inside_sequential(network, f"encoder.stages.{i}") for i in range(len(network.encoder.stages))]
+        decoder_stages = [_inside_sequential(network, f"decoder.stages.{i}") for i in range(n)]
+        return Anatomy(kind, False,
+                       head=[f"decoder.seg_layers.{i}" for i in range(len(decoder.seg_layers))],
+                       decoder=["decoder.stages", "decoder.transpconvs", "decoder.seg_layers"],
+                       last_stage=[f"decoder.stages.{n - 1}", f"decoder.transpconvs.{n - 1}"],
+                       encoder_stages=encoder_stages, decoder_stages=decoder_stages,
+                       blocks=_conv_blocks(network, ["encoder"] + decoder_stages))
+    if hasattr(network, "eva") and hasattr(network, "up_projection"):
+        last = len(network.up_projection.decode) - 1
+        return Anatomy(kind, True,
+                       head=[f"up_projection.decode.{last}"],
+                       decoder=["up_projection"],
+                       last_stage=[f"up_projection.decode.{last - 1}"] if last > 0 else [],
+                       encoder_stages=[], decoder_stages=[],
+                       blocks=[f"eva.blocks.{i}.mlp" for i in range(len(network.eva.blocks))])
+    raise ValueError(f"nnunet-fseft does not know the {kind} architecture; it supports PlainConvUNet, "
+                     f"ResidualEncoderUNet and Primus as nnU-Net builds them from plans.")
+
+
+def _inside_sequential(network: nn.Module, name: str) -> str:
+    """PlainConvEncoder wraps each stage in a one-element nn.Sequential; an nn.Sequential runs
+    every child it holds, so an adapter must live in the stage inside it instead."""
+    m = network.get_submodule(name)
+    while isinstance(m, nn.Sequential) and len(m) == 1:
+        name, m = name + ".0", m[0]
+    if isinstance(m, nn.Sequential):
+        raise ValueError(f"Stage {name} of {type(network).__name__} is a sequence of several modules "
+                         f"(a pooling stage?); nnunet-fseft cannot place a stage adapter there.")
+    return name
+
+
+def _conv_blocks(network: nn.Module, prefixes: List[str]) -> List[str]:
+    """The outermost conv blocks (ConvDropoutNormReLU, BasicBlockD, BottleneckD) under `prefixes`;
+    a residual block's own convs and skip projection belong to it."""
+    from dynamic_network_architectures.building_blocks.residual import BasicBlockD, BottleneckD
+    from dynamic_network_architectures.building_blocks.simple_conv_blocks import ConvDropoutNormReLU
+    blocks = []
+    for name, m in network.named_modules():
+        if (isinstance(m, (ConvDropoutNormReLU, BasicBlockD, BottleneckD)) and within(name, prefixes)
+                and not within(name, blocks)):
+            blocks.append(name)
+    return blocks
+
+
+def conv_geometry(module: nn.Module) -> Tuple[type, int, int, Tuple[int, ...]]:
+    """(conv type, input channels, output channels, total stride) of a conv block or stage.
+
+    Its convs in forward order, residual skip projections left out (they run beside the main path)."""
+    convs = [m for name, m in module.named_modules()
+             if isinstance(m, CONV_TYPES) and ".skip" not in f".{name}" and "fseft_" not in name]
+    if not convs:
+        raise ValueError(f"{type(module).__name__} holds no convolution to adapt.")
+    stride = [1] * (convs[0].weight.dim() - 2)
+    for c in convs:
+        stride = [s * t for s, t in zip(stride, c.stride)]
+    conv_type = nn.Conv3d if isinstance(convs[0], (nn.Conv3d, nn.ConvTranspose3d)) else nn.Conv2d
+    return conv_type, convs[0].in_channels, convs[-1].out_channels, tuple(stride)

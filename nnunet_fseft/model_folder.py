@@ -1,0 +1,97 @@
+"""nnU-Net model folders (TRAINER__PLANS__CONFIGURATION/fold_F/checkpoint_*.pth): reading one
+back into the network its trainer builds, and writing one that nnUNetv2_predict runs.
+
+Used by `export`, `import` and `merge`; nothing here trains."""
+import os
+import shutil
+import time
+from typing import Tuple
+
+import torch
+from torch import nn
+
+from nnunet_fseft.foundation import read_checkpoint
+from nnunet_fseft.safety import save_json_kept
+
+
+def load_json(path: str) -> dict:
+    from batchgenerators.utilities.file_and_folder_operations import load_json as _load
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist; pass an nnU-Net model folder "
+                                f"(…/DatasetXXX_NAME/TRAINER__PLANS__CONFIGURATION).")
+    return _load(path)
+
+
+def find_trainer(name: str):
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    try:
+        return recursive_find_trainer_class_by_name(name)
+    except (RuntimeError, AssertionError):
+        raise ValueError(f"Trainer {name} cannot be found; install the package that defines it "
+                         f"(or add its folder to nnUNet_extTrainer).") from None
+
+
+def build_network(trainer_class, plans: dict, dataset_json: dict, configuration: str,
+                  deep_supervision: bool = False) -> nn.Module:
+    """The network `trainer_class` builds from plans, as nnUNetPredictor builds it."""
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    pm = PlansManager(plans)
+    cm = pm.get_configuration(configuration)
+    return trainer_class.build_network_architecture(
+        pm, cm, determine_num_input_channels(pm, cm, dataset_json),
+        pm.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=deep_supervision)
+
+
+def checkpoint_path(folder: str, fold: str, checkpoint: str) -> str:
+    path = os.path.join(folder, f"fold_{fold}", checkpoint)
+    if not os.path.isfile(path):
+        found = sorted(f"{d}/{c}" for d in (os.listdir(folder) if os.path.isdir(folder) else [])
+                       if d.startswith("fold_") for c in os.listdir(os.path.join(folder, d)) if c.endswith(".pth"))
+        raise FileNotFoundError(f"{folder} holds no fold_{fold}/{checkpoint}; available: "
+                                f"{', '.join(found) or 'none (is it an nnU-Net model folder, and is training finished?)'}.")
+    return path
+
+
+def load_model(folder: str, fold: str, checkpoint: str = "checkpoint_final.pth") -> Tuple[type, dict, dict, dict, nn.Module]:
+    """(trainer class, plans, dataset.json, checkpoint, network with its weights) of one fold."""
+    plans = load_json(os.path.join(folder, "plans.json"))
+    dataset_json = load_json(os.path.join(folder, "dataset.json"))
+    ckpt = read_checkpoint(checkpoint_path(folder, fold, checkpoint))
+    trainer_class = find_trainer(ckpt["trainer_name"])
+    network = build_network(trainer_class, plans, dataset_json, ckpt["init_args"]["configuration"])
+    network.load_state_dict(ckpt["network_weights"])
+    return trainer_class, plans, dataset_json, ckpt, network
+
+
+def keep_existing(path: str) -> str:
+    """Renames an existing file to `path.bak-<time>` so that nothing is overwritten; returns the backup or ''."""
+    if not os.path.exists(path):
+        return ""
+    backup = f"{path}.bak-{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 1
+    while os.path.exists(backup):
+        backup, n = f"{path}.bak-{time.strftime('%Y%m%d-%H%M%S')}-{n}", n + 1
+    shutil.move(path, backup)
+    return backup
+
+
+def write_model(folder: str, fold: str, checkpoint: str, plans: dict, dataset_json: dict, trainer_name: str,
+                configuration: str, weights: dict, mirroring_axes) -> str:
+    """Writes plans.json, dataset.json and fold_F/CHECKPOINT in nnU-Net's layout, keeping any older
+    files as backups. The checkpoint holds what nnUNetPredictor reads, and no optimiser state."""
+    os.makedirs(os.path.join(folder, f"fold_{fold}"), exist_ok=True)
+    save_json_kept(plans, os.path.join(folder, "plans.json"))
+    save_json_kept(dataset_json, os.path.join(folder, "dataset.json"))
+    path = os.path.join(folder, f"fold_{fold}", checkpoint)
+    keep_existing(path)
+    torch.save({
+        "network_weights": {k: v.detach().cpu().clone() for k, v in weights.items()},
+        "optimizer_state": None, "grad_scaler_state": None, "logging": None, "_best_ema": None,
+        "current_epoch": 0,
+        "init_args": {"plans": plans, "configuration": configuration,
+                      "fold": int(fold) if str(fold).isdigit() else fold, "dataset_json": dataset_json},
+        "trainer_name": trainer_name,
+        "inference_allowed_mirroring_axes": mirroring_axes,
+    }, path)
+    return path

@@ -1,0 +1,145 @@
+"""The other methods through the real commands: train and predict with AdaptFormer, ConvAdapter and
+Med-Adapter; `params`; an adapter file exported, imported and predicted; a merged model predicted by
+nnU-Net with this plugin unimportable."""
+import glob
+import os
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import TARGET_ID, TRAIN_ENV, run
+from nnunet_fseft.foundation import read_checkpoint
+from nnunet_fseft.tuners import is_adapter_parameter
+
+COMBO = "nnUNetTrainerFSEFT_LoRA_DecoderFT"  # mergeable, and a decoder-tuning combination
+
+
+def results(workspace, trainer):
+    return workspace / "nnUNet_results" / "Dataset501_SynthCTB" / f"{trainer}__FSEFTPlans__3d_fullres"
+
+
+def images(workspace):
+    return workspace / "nnUNet_raw" / "Dataset501_SynthCTB" / "imagesTs"
+
+
+def segmentations(folder):
+    files = sorted(glob.glob(os.path.join(folder, "*.nii.gz")))
+    assert len(files) == 2, files
+    return [sitk.GetArrayFromImage(sitk.ReadImage(f)) for f in files]
+
+
+def train(target, trainer, fold="0"):
+    return run(["nnUNetv2_train", target, "3d_fullres", fold, "-p", "FSEFTPlans", "-tr", trainer, "-device", "cpu"],
+               env=TRAIN_ENV)
+
+
+def predict_folder(workspace, model_folder, out, fold="0"):
+    run(["nnUNetv2_predict_from_modelfolder", "-i", images(workspace), "-o", out, "-m", model_folder,
+         "-f", fold, "-device", "cpu", "--disable_tta"])
+    return segmentations(out)
+
+
+@pytest.mark.parametrize("trainer", ["nnUNetTrainerFSEFT_AdaptFormer", "nnUNetTrainerFSEFT_ConvAdapter",
+                                     "nnUNetTrainerFSEFT_MedAdapter"])
+def test_train_and_predict(trainer, workspace, target, foundation, tmp_path):
+    log = train(target, trainer).stdout
+    assert "Loaded foundation" in log and f"{trainer}: training " in log
+    ckpt = read_checkpoint(str(results(workspace, trainer) / "fold_0" / "checkpoint_final.pth"))["network_weights"]
+    original = read_checkpoint(str(foundation / "fold_all" / "checkpoint_final.pth"))["network_weights"]
+    adapters = [k for k in ckpt if is_adapter_parameter(k)]
+    assert adapters and all(k not in original for k in adapters)
+    for k in ckpt:  # the foundation itself is frozen
+        if not is_adapter_parameter(k) and ".seg_layers." not in k:
+            assert (ckpt[k] == original[k]).all(), k
+    run(["nnUNetv2_predict", "-i", images(workspace), "-o", tmp_path, "-d", target, "-c", "3d_fullres", "-f", "0",
+         "-p", "FSEFTPlans", "-tr", trainer, "-device", "cpu", "--disable_tta"])
+    assert all(set(np.unique(s)) <= {0, 1} for s in segmentations(tmp_path))
+
+
+def test_params_lists_every_method_without_training(target):
+    out = run(["nnunet-fseft", "params", "-d", target]).stdout
+    from nnunet_fseft.trainers import METHODS
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("nnUNetTrainerFSEFT_")}
+    assert set(rows) == set(METHODS)
+    full, lora = rows["nnUNetTrainerFSEFT_FullFT"], rows["nnUNetTrainerFSEFT_LoRA"]
+    assert full[1] == full[2] and full[3] == "100.00%"
+    assert int(lora[1].replace(",", "")) < int(lora[2].replace(",", ""))
+    out = run(["nnunet-fseft", "params", "-d", target, "-tr", "nnUNetTrainerFSEFT_BitFit"]).stdout
+    assert "nnUNetTrainerFSEFT_BitFit" in out and "nnUNetTrainerFSEFT_LoRA" not in out
+
+
+@pytest.fixture(scope="module")
+def combo(workspace, target, tmp_path_factory):
+    train(target, COMBO)
+    out = tmp_path_factory.mktemp("combo_pred")
+    return results(workspace, COMBO), predict_folder(workspace, results(workspace, COMBO), out)
+
+
+def test_export_import_round_trip_predicts_the_same(combo, foundation, workspace, tmp_path):
+    folder, want = combo
+    adapter = tmp_path / "pancreas.safetensors"
+    run(["nnunet-fseft", "export", folder, "-o", adapter, "-f", "0"])
+    full = os.path.getsize(folder / "fold_0" / "checkpoint_final.pth")
+    assert adapter.is_file() and (tmp_path / "pancreas.safetensors.json").is_file()
+    assert os.path.getsize(adapter) < full
+    with open(adapter, "rb") as f:
+        assert b"nnunet_fseft" in f.read(1 << 16)  # the JSON header travels inside the file
+
+    imported = tmp_path / "imported" / f"{COMBO}__FSEFTPlans__3d_fullres"
+    run(["nnunet-fseft", "import", adapter, "--foundation", foundation, "-o", imported])
+    got = predict_folder(workspace, imported, tmp_path / "pred")
+    for g, w in zip(got, want):
+        assert np.array_equal(g, w)
+
+    # a foundation other than the one it was trained on is refused
+    other = tmp_path / "other" / foundation.name
+    (other / "fold_all").mkdir(parents=True)
+    for f in ("plans.json", "dataset.json"):
+        (other / f).write_bytes((foundation / f).read_bytes())
+    (other / "fold_all" / "checkpoint_final.pth").write_bytes(
+        (foundation / "fold_all" / "checkpoint_final.pth").read_bytes() + b"\0")
+    p = run(["nnunet-fseft", "import", adapter, "--foundation", other, "-o", tmp_path / "x"], check=False)
+    assert p.returncode == 2 and "sha256" in p.stdout and "Traceback" not in p.stdout
+
+
+WITHOUT_PLUGIN = """
+import os, sys
+if __name__ == "__main__":  # nnU-Net's spawned preprocessing workers import this file again
+    # nnU-Net as a colleague without nnunet-fseft has it: our package cannot be imported, and
+    # nnU-Net searches no folder of ours for trainers.
+    for name in list(sys.modules):
+        if name.startswith("nnunet_fseft"):
+            del sys.modules[name]
+    sys.modules["nnunet_fseft"] = None
+    os.environ["nnUNet_extTrainer"] = os.pathsep.join(
+        p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if "nnunet_fseft" not in p)
+    from nnunetv2.inference.predict_from_raw_data import predict_entry_point_modelfolder
+    sys.argv = ["nnUNetv2_predict_from_modelfolder"] + sys.argv[1:]
+    predict_entry_point_modelfolder()
+"""
+
+
+def test_merged_model_runs_on_nnunet_alone_with_the_same_segmentation(combo, workspace, tmp_path):
+    folder, want = combo
+    merged = tmp_path / "nnUNetTrainer__FSEFTPlans__3d_fullres"
+    run(["nnunet-fseft", "merge", folder, "-o", merged])
+    ckpt = read_checkpoint(str(merged / "fold_0" / "checkpoint_final.pth"))
+    assert ckpt["trainer_name"] == "nnUNetTrainer"
+    assert not any(is_adapter_parameter(k) for k in ckpt["network_weights"])
+    script = tmp_path / "predict_without_plugin.py"
+    script.write_text(WITHOUT_PLUGIN)
+    run([sys.executable, script, "-i", images(workspace), "-o", tmp_path / "pred", "-m", merged, "-f", "0",
+         "-device", "cpu", "--disable_tta"])
+    for g, w in zip(segmentations(tmp_path / "pred"), want):
+        assert (g == w).mean() > 0.9999
+
+
+def test_merge_refuses_non_linear_adapters_in_one_sentence(workspace, target, tmp_path):
+    folder = results(workspace, "nnUNetTrainerFSEFT_AdaptFormer")
+    if not (folder / "fold_0" / "checkpoint_final.pth").is_file():
+        train(target, "nnUNetTrainerFSEFT_AdaptFormer")
+    p = run(["nnunet-fseft", "merge", folder, "-o", tmp_path / "m"], check=False)
+    assert p.returncode == 2 and "cannot be folded" in p.stdout and "Traceback" not in p.stdout
+    assert not (tmp_path / "m").exists()
