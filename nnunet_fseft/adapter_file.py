@@ -14,10 +14,11 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
-from nnunet_fseft.foundation import PLANS_KEY, architecture_trainer, load_foundation, recorded_foundation, sha256
-from nnunet_fseft.model_folder import (build_network, checkpoint_path, find_trainer, keep_existing, load_json,
-                                       load_model, write_model)
+from nnunet_fseft.foundation import (PLANS_KEY, architecture_trainer, find_trainer, load_foundation,
+                                     recorded_foundation, sha256)
+from nnunet_fseft.model_folder import build_network, checkpoint_path, load_json, load_model, write_model
 from nnunet_fseft.parameters import count_parameters
+from nnunet_fseft.safety import keep_existing
 from nnunet_fseft.tuners import is_adapter_parameter
 from nnunet_fseft.tuners.registry import is_mergeable, merge_tuner, tuner_hyperparameters
 
@@ -26,9 +27,11 @@ FORMAT = 1
 
 
 def trained_tensors(network: nn.Module) -> Dict[str, torch.Tensor]:
-    """The tensors a method trains (parameters with requires_grad) and any buffers of its adapters."""
+    """The tensors a method trains (parameters with requires_grad) and every buffer: buffers
+    such as BatchNorm statistics change in training even where their layer is frozen, and are small."""
+    saved = network.state_dict()  # persistent buffers only (Primus's rotary tables are rebuilt)
     tensors = {n: p for n, p in network.named_parameters() if p.requires_grad}
-    tensors.update({n: b for n, b in network.named_buffers() if is_adapter_parameter(n)})
+    tensors.update({n: b for n, b in network.named_buffers() if n in saved})
     return {n: t.detach().cpu().contiguous() for n, t in tensors.items()}
 
 
@@ -98,8 +101,11 @@ def read_adapter(path: str) -> Tuple[Dict[str, torch.Tensor], dict]:
     if METADATA_KEY not in meta:
         raise ValueError(f"{path} is a safetensors file but not an nnunet-fseft adapter file (no '{METADATA_KEY}' "
                          f"metadata); pass a file written by `nnunet-fseft export`.")
-    info = json.loads(meta[METADATA_KEY])
-    if info.get("format") != FORMAT:
+    try:
+        info = json.loads(meta[METADATA_KEY])
+    except json.JSONDecodeError:
+        raise ValueError(f"{path} has damaged nnunet-fseft metadata; export the adapter again.") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise ValueError(f"{path} has adapter-file format {info.get('format')}, this nnunet-fseft reads format "
                          f"{FORMAT}; import it with the nnunet-fseft version that wrote it.")
     return tensors, info
@@ -172,10 +178,15 @@ def merge_model(folder: str, out_folder: str) -> List[str]:
 
 
 def method_costs(plans: dict, dataset_json: dict, configuration: str, trainers) -> List[dict]:
-    """Per method: trainable and total parameters and the size of its adapter file, without training."""
+    """Per method: trainable and total parameters and the size of its adapter file, without training;
+    a method that does not apply to this network gets its one-sentence reason instead."""
     rows = []
     for t in trainers:
-        network = build_network(t, plans, dataset_json, configuration, deep_supervision=True)
+        try:
+            network = build_network(t, plans, dataset_json, configuration, deep_supervision=True)
+        except ValueError as e:
+            rows.append({"method": t.__name__, "not_applicable": str(e)})
+            continue
         trainable, total = count_parameters(network)
         size = len(_safetensors_bytes(trained_tensors(network), {"method": t.__name__, "plans": plans,
                                                                  "dataset_json": dataset_json}))
@@ -196,6 +207,9 @@ def load_plans(dataset: str, plans_name: str) -> Tuple[dict, dict]:
         raise FileNotFoundError(f"Dataset {dataset} is not in nnUNet_preprocessed ({preprocessed}); adopt or "
                                 f"plan it first.") from None
     plans_file = os.path.join(preprocessed, name, plans_name + ".json")
+    if not os.path.isdir(os.path.join(preprocessed, name)):
+        raise FileNotFoundError(f"{name} has not been preprocessed (no {os.path.join(preprocessed, name)}); run "
+                                f"`nnunet-fseft adopt` or nnUNetv2_plan_and_preprocess for it first.")
     if not os.path.isfile(plans_file):
         have = sorted(f[:-5] for f in os.listdir(os.path.join(preprocessed, name))
                       if "Plans" in f and f.endswith(".json"))

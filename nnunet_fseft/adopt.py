@@ -28,13 +28,8 @@ def foundation_checkpoint(folder: str, fold: str, checkpoint: str) -> str:
     for f in ("plans.json", "dataset.json"):
         if not os.path.isfile(os.path.join(folder, f)):
             raise FileNotFoundError(f"Foundation folder {folder} has no {f}; it is not a trained nnU-Net model folder.")
-    path = os.path.join(folder, f"fold_{fold}", checkpoint)
-    if not os.path.isfile(path):
-        found = sorted(f"{d}/{c}" for d in os.listdir(folder) if d.startswith("fold_")
-                       for c in os.listdir(os.path.join(folder, d)) if c.endswith(".pth"))
-        raise FileNotFoundError(f"Foundation folder {folder} holds no fold_{fold}/{checkpoint}; "
-                                f"available: {', '.join(found) or 'no checkpoints at all (is training finished?)'}.")
-    return os.path.abspath(path)
+    from nnunet_fseft.model_folder import checkpoint_path
+    return os.path.abspath(checkpoint_path(folder, fold, checkpoint))
 
 
 def check_channels(foundation_json: dict, target_json: dict, target: str) -> None:
@@ -112,8 +107,9 @@ def check_architecture(plans: dict, configuration: str, weights: dict, trainer: 
     try:
         foundation_weights(network, weights, "checkpoint")
     except ValueError as e:
-        raise ValueError(f"The foundation's weights do not fit the network that {trainer} builds from its "
-                         f"plans: {e}") from None
+        first = str(e).split(";")[0]
+        raise ValueError(f"The foundation's weights do not fit the network that {trainer} builds from its own "
+                         f"plans.json ({first}); is this model folder's checkpoint really from those plans?") from None
 
 
 def _refuse_foreign_plans(path: str, plans_name: str) -> None:

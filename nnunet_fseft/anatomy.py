@@ -3,8 +3,9 @@
 Methods and the freezing rule ask this module instead of knowing each architecture:
 - conv U-Nets (`PlainConvUNet`, `ResidualEncoderUNet`, 2D or 3D): an encoder with conv
   stages, a `UNetDecoder` whose `seg_layers` are the head(s);
-- `Primus` (nnU-Net's transformer): patch embedding, EVA blocks, a `PatchDecode` whose last
-  transposed conv is the head.
+- `Primus` (nnU-Net's transformer): patch embedding, EVA blocks, and a `PatchDecode` that sizes
+  every one of its layers from the number of classes, so the whole of it is the head: new for
+  each target, and trained by every method.
 """
 from dataclasses import dataclass
 from typing import List, Tuple
@@ -18,7 +19,7 @@ CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTransp
 class Anatomy:
     architecture: str            # class name of the network, for messages
     transformer: bool            # True for Primus: encoder blocks are token MLPs, not conv stages
-    head: List[str]              # module names of the segmentation head(s)
+    head: List[str]              # module names of the segmentation head(s): what depends on the classes
     decoder: List[str]           # module-name prefixes of the decoder, head included
     last_stage: List[str]        # module names of the last decoder stage, head excluded
     encoder_stages: List[str]    # conv stages of the encoder, in forward order ([] for Primus)
@@ -44,11 +45,7 @@ def anatomy(network: nn.Module) -> Anatomy:
                        encoder_stages=encoder_stages, decoder_stages=decoder_stages,
                        blocks=_conv_blocks(network, ["encoder"] + decoder_stages))
     if hasattr(network, "eva") and hasattr(network, "up_projection"):
-        last = len(network.up_projection.decode) - 1
-        return Anatomy(kind, True,
-                       head=[f"up_projection.decode.{last}"],
-                       decoder=["up_projection"],
-                       last_stage=[f"up_projection.decode.{last - 1}"] if last > 0 else [],
+        return Anatomy(kind, True, head=["up_projection"], decoder=["up_projection"], last_stage=[],
                        encoder_stages=[], decoder_stages=[],
                        blocks=[f"eva.blocks.{i}.mlp" for i in range(len(network.eva.blocks))])
     raise ValueError(f"nnunet-fseft does not know the {kind} architecture; it supports PlainConvUNet, "

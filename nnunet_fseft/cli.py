@@ -46,7 +46,7 @@ def cmd_demo(args):
 
 def cmd_params(args):
     from nnunet_fseft.adapter_file import load_plans, method_costs
-    from nnunet_fseft.model_folder import find_trainer
+    from nnunet_fseft.foundation import find_trainer
     from nnunet_fseft.trainers import METHODS
     plans, dataset_json = load_plans(args.d, args.p)
     if args.c not in plans["configurations"]:
@@ -56,6 +56,9 @@ def cmd_params(args):
     rows = method_costs(plans, dataset_json, args.c, trainers)
     print(f"{'method':<44} {'trainable':>12} {'total':>12} {'%':>7} {'file':>10} {'% of full':>9}")
     for r in rows:
+        if "not_applicable" in r:
+            print(f"{r['method']:<44} {'n/a':>12}  {r['not_applicable']}")
+            continue
         print(f"{r['method']:<44} {r['trainable']:>12,} {r['total']:>12,} {100 * r['trainable'] / r['total']:>6.2f}% "
               f"{_size(r['file_bytes']):>10} {100 * r['file_bytes'] / r['full_bytes']:>8.2f}%")
 

@@ -1,7 +1,9 @@
 """The foundation a target dataset was adopted with: where its record lives, and how its
 weights are read and checked against a network before they are loaded."""
+import contextlib
 import functools
 import hashlib
+import io
 import os
 import pickle
 from typing import Dict, Optional
@@ -94,6 +96,17 @@ def load_foundation(network: nn.Module, record: dict) -> None:
     network.load_state_dict(foundation_weights(network, weights, path), strict=False)
 
 
+def find_trainer(name: str):
+    """nnU-Net's trainer class of that name (nnunetv2 and the nnUNet_extTrainer folders), quietly."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints every module it inspects
+            return recursive_find_trainer_class_by_name(name)
+    except (RuntimeError, AssertionError):
+        raise ValueError(f"Trainer {name} cannot be found; install the package that defines it "
+                         f"(or add its folder to nnUNet_extTrainer).") from None
+
+
 def architecture_trainer(plans: dict):
     """The nnU-Net trainer class whose `build_network_architecture` builds the foundation's
     (plain) network: the trainer that trained it when that one builds its own architecture
@@ -105,15 +118,9 @@ def architecture_trainer(plans: dict):
 @functools.lru_cache(maxsize=None)
 def _architecture_trainer(name: str):
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     if name == "nnUNetTrainer":
         return nnUNetTrainer
-    try:
-        trainer = recursive_find_trainer_class_by_name(name)
-    except (RuntimeError, AssertionError):
-        raise ValueError(f"The foundation's trainer {name} cannot be found, so its network "
-                         f"cannot be built; install the package that defines it or add its folder to "
-                         f"nnUNet_extTrainer.") from None
+    trainer = find_trainer(name)
     own = next((c for c in trainer.__mro__ if "build_network_architecture" in vars(c)), nnUNetTrainer)
     # our own trainers build the plans' network too (with adapters); the plain one is nnU-Net's
     return nnUNetTrainer if own.__module__.startswith("nnunet_fseft") else own

@@ -3,15 +3,13 @@ back into the network its trainer builds, and writing one that nnUNetv2_predict 
 
 Used by `export`, `import` and `merge`; nothing here trains."""
 import os
-import shutil
-import time
 from typing import Tuple
 
 import torch
 from torch import nn
 
-from nnunet_fseft.foundation import read_checkpoint
-from nnunet_fseft.safety import save_json_kept
+from nnunet_fseft.foundation import find_trainer, read_checkpoint
+from nnunet_fseft.safety import keep_existing, save_json_kept
 
 
 def load_json(path: str) -> dict:
@@ -20,15 +18,6 @@ def load_json(path: str) -> dict:
         raise FileNotFoundError(f"{path} does not exist; pass an nnU-Net model folder "
                                 f"(…/DatasetXXX_NAME/TRAINER__PLANS__CONFIGURATION).")
     return _load(path)
-
-
-def find_trainer(name: str):
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-    try:
-        return recursive_find_trainer_class_by_name(name)
-    except (RuntimeError, AssertionError):
-        raise ValueError(f"Trainer {name} cannot be found; install the package that defines it "
-                         f"(or add its folder to nnUNet_extTrainer).") from None
 
 
 def build_network(trainer_class, plans: dict, dataset_json: dict, configuration: str,
@@ -44,6 +33,7 @@ def build_network(trainer_class, plans: dict, dataset_json: dict, configuration:
 
 
 def checkpoint_path(folder: str, fold: str, checkpoint: str) -> str:
+    """FOLDER/fold_F/CHECKPOINT, or one sentence listing the checkpoints the folder has."""
     path = os.path.join(folder, f"fold_{fold}", checkpoint)
     if not os.path.isfile(path):
         found = sorted(f"{d}/{c}" for d in (os.listdir(folder) if os.path.isdir(folder) else [])
@@ -57,23 +47,17 @@ def load_model(folder: str, fold: str, checkpoint: str = "checkpoint_final.pth")
     """(trainer class, plans, dataset.json, checkpoint, network with its weights) of one fold."""
     plans = load_json(os.path.join(folder, "plans.json"))
     dataset_json = load_json(os.path.join(folder, "dataset.json"))
-    ckpt = read_checkpoint(checkpoint_path(folder, fold, checkpoint))
+    path = checkpoint_path(folder, fold, checkpoint)
+    ckpt = read_checkpoint(path)
     trainer_class = find_trainer(ckpt["trainer_name"])
     network = build_network(trainer_class, plans, dataset_json, ckpt["init_args"]["configuration"])
+    own, saved = set(network.state_dict()), set(ckpt["network_weights"])
+    if own != saved:
+        first = sorted(own - saved)[:1] or sorted(saved - own)[:1]
+        raise ValueError(f"{path} does not fit the network {ckpt['trainer_name']} builds from {folder}/plans.json "
+                         f"(first differing tensor: {first[0]}); was it written by another nnunet-fseft version?")
     network.load_state_dict(ckpt["network_weights"])
     return trainer_class, plans, dataset_json, ckpt, network
-
-
-def keep_existing(path: str) -> str:
-    """Renames an existing file to `path.bak-<time>` so that nothing is overwritten; returns the backup or ''."""
-    if not os.path.exists(path):
-        return ""
-    backup = f"{path}.bak-{time.strftime('%Y%m%d-%H%M%S')}"
-    n = 1
-    while os.path.exists(backup):
-        backup, n = f"{path}.bak-{time.strftime('%Y%m%d-%H%M%S')}-{n}", n + 1
-    shutil.move(path, backup)
-    return backup
 
 
 def write_model(folder: str, fold: str, checkpoint: str, plans: dict, dataset_json: dict, trainer_name: str,

@@ -58,11 +58,6 @@ def freeze(network: nn.Module, trainable: Iterable[str]) -> None:
         p.requires_grad_(name in chosen)
 
 
-def trained_names(network: nn.Module) -> Set[str]:
-    """Names of the parameters a method trains (what its adapter file holds)."""
-    return {n for n, p in network.named_parameters() if p.requires_grad}
-
-
 def count_parameters(network: nn.Module) -> Tuple[int, int]:
     """(trainable, total) parameter counts; shared tensors are counted once."""
     seen, trainable, total = set(), 0, 0

@@ -46,11 +46,26 @@ def backup_if_different(path: str, new_content) -> str:
                 return ""
         except json.JSONDecodeError:
             pass
+    backup = backup_name(path)
+    shutil.copy2(path, backup)
+    return backup
+
+
+def backup_name(path: str) -> str:
+    """`path.bak-<time>`, numbered if that exists too."""
     backup = f"{path}.bak-{time.strftime('%Y%m%d-%H%M%S')}"
     n = 1
     while os.path.exists(backup):
         backup, n = f"{path}.bak-{time.strftime('%Y%m%d-%H%M%S')}-{n}", n + 1
-    shutil.copy2(path, backup)
+    return backup
+
+
+def keep_existing(path: str) -> str:
+    """Moves an existing file to a backup, so that nothing is overwritten; returns the backup or ''."""
+    if not os.path.exists(path):
+        return ""
+    backup = backup_name(path)
+    shutil.move(path, backup)
     return backup
 
 

@@ -3,6 +3,7 @@
 Everything runs through the real `nnUNetv2_*` and `nnunet-fseft` commands in
 subprocesses, on 32^3 synthetic volumes with a narrow network (plans preset cpu_tiny).
 """
+import glob
 import os
 import subprocess
 import sys
@@ -21,6 +22,36 @@ def run(args, env=None, check=True, timeout=900):
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}:\n{p.stdout[-4000:]}")
     return p
+
+
+def images(workspace):
+    """The target's unlabelled test images."""
+    return workspace / "nnUNet_raw" / "Dataset501_SynthCTB" / "imagesTs"
+
+
+def segmentations(folder):
+    """The two predicted segmentations in a folder, as arrays."""
+    import SimpleITK as sitk
+    files = sorted(glob.glob(os.path.join(folder, "*.nii.gz")))
+    assert len(files) == 2, files
+    return [sitk.GetArrayFromImage(sitk.ReadImage(f)) for f in files]
+
+
+WITHOUT_PLUGIN = """
+import os, sys
+if __name__ == "__main__":  # nnU-Net's spawned preprocessing workers import this file again
+    # nnU-Net as a colleague without nnunet-fseft has it: our package cannot be imported, and
+    # nnU-Net searches no folder of ours for trainers.
+    for name in list(sys.modules):
+        if name.startswith("nnunet_fseft"):
+            del sys.modules[name]
+    sys.modules["nnunet_fseft"] = None
+    os.environ["nnUNet_extTrainer"] = os.pathsep.join(
+        p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if "nnunet_fseft" not in p)
+    from nnunetv2.inference.predict_from_raw_data import predict_entry_point_modelfolder
+    sys.argv = ["nnUNetv2_predict_from_modelfolder"] + sys.argv[1:]
+    predict_entry_point_modelfolder()
+"""
 
 
 # Training only: nnUNet_n_proc_DA=0 crashes nnUNetv2_plan_and_preprocess (torch.set_num_threads(0)).

@@ -11,9 +11,9 @@ from torch import nn
 from nnunet_fseft.foundation import PLANS_KEY
 
 
-def _kwargs(dim: int) -> dict:
+def _kwargs(dim: int, kernel_sizes=3, strides=(1, 2, 2)) -> dict:
     return dict(input_channels=1, n_stages=3, features_per_stage=(4, 8, 16),
-                conv_op=nn.Conv3d if dim == 3 else nn.Conv2d, kernel_sizes=3, strides=(1, 2, 2),
+                conv_op=nn.Conv3d if dim == 3 else nn.Conv2d, kernel_sizes=kernel_sizes, strides=strides,
                 num_classes=3, n_conv_per_stage_decoder=1, conv_bias=True,
                 norm_op=nn.InstanceNorm3d if dim == 3 else nn.InstanceNorm2d,
                 norm_op_kwargs={"eps": 1e-5, "affine": True}, dropout_op=None, dropout_op_kwargs=None,
@@ -32,14 +32,28 @@ def plain2d(deep_supervision=True):
     return PlainConvUNet(n_conv_per_stage=2, deep_supervision=deep_supervision, **_kwargs(2))
 
 
+# Thick slices, as nnU-Net plans them for anisotropic CT: in-plane-only kernels and strides first.
+ANISOTROPIC = dict(kernel_sizes=((1, 3, 3), (3, 3, 3), (3, 3, 3)), strides=((1, 1, 1), (1, 2, 2), (2, 2, 2)))
+
+
+def aniso_plain3d(deep_supervision=True):
+    return PlainConvUNet(n_conv_per_stage=2, deep_supervision=deep_supervision, **_kwargs(3, **ANISOTROPIC))
+
+
+def aniso_resenc3d(deep_supervision=True):
+    return ResidualEncoderUNet(n_blocks_per_stage=(1, 2, 1), deep_supervision=deep_supervision,
+                               **_kwargs(3, **ANISOTROPIC))
+
+
 def primus(deep_supervision=True):
     # embed 48 = 4 heads x 12 (EVA's rotary embedding wants embed / heads divisible by 1.5 x 2)
     return Primus(1, 48, (4, 4, 4), 3, 2, 4, (16, 16, 16), init_values=0.1)
 
 
 INPUT_SHAPES = {plain3d: (2, 1, 16, 16, 16), resenc3d: (2, 1, 16, 16, 16), plain2d: (2, 1, 32, 32),
-                primus: (2, 1, 16, 16, 16)}
-ARCHITECTURES = {"plain3d": plain3d, "resenc3d": resenc3d, "plain2d": plain2d, "primus": primus}
+                aniso_plain3d: (2, 1, 8, 16, 16), aniso_resenc3d: (2, 1, 8, 16, 16), primus: (2, 1, 16, 16, 16)}
+ARCHITECTURES = {"plain3d": plain3d, "resenc3d": resenc3d, "plain2d": plain2d, "aniso_plain3d": aniso_plain3d,
+                 "aniso_resenc3d": aniso_resenc3d, "primus": primus}
 
 _CONV_ARCH = {
     "n_stages": 3, "features_per_stage": [4, 8, 16], "conv_op": "torch.nn.modules.conv.Conv3d",

@@ -105,3 +105,38 @@ def test_foundation_changed_since_adopt(foundation):
     record = {"checkpoint": str(foundation / "fold_all" / "checkpoint_final.pth"), "sha256": "0" * 64}
     with pytest.raises(ValueError, match="changed since `nnunet-fseft adopt`"):
         load_foundation(torch.nn.Conv3d(1, 1, 1), record)
+
+
+# --- params, export, import, merge: checked in-process (the CLI's one-line wrapping is tested above) ---
+
+def test_export_and_merge_refuse_a_model_not_trained_by_a_method(foundation, tmp_path):
+    from nnunet_fseft.adapter_file import export_adapter, merge_model
+    with pytest.raises(ValueError, match="not an nnunet-fseft method"):
+        export_adapter(str(foundation), str(tmp_path / "a.safetensors"), fold="all")
+    with pytest.raises(ValueError, match="not an nnunet-fseft method"):
+        merge_model(str(foundation), str(tmp_path / "merged"))
+    assert not (tmp_path / "a.safetensors").exists() and not (tmp_path / "merged").exists()
+
+
+def test_export_names_the_checkpoints_there_are(foundation, tmp_path):
+    from nnunet_fseft.adapter_file import export_adapter
+    with pytest.raises(FileNotFoundError, match="available: .*fold_all/checkpoint_final.pth"):
+        export_adapter(str(foundation), str(tmp_path / "a.safetensors"), fold="3")
+
+
+def test_import_refuses_files_that_are_not_adapter_files(foundation, tmp_path):
+    from safetensors.torch import save_file
+    from nnunet_fseft.adapter_file import import_adapter
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        import_adapter(str(tmp_path / "none.safetensors"), str(foundation), str(tmp_path / "out"))
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        import_adapter(str(tmp_path / "junk.safetensors"), str(foundation), str(tmp_path / "out"))
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="not an nnunet-fseft adapter file"):
+        import_adapter(str(tmp_path / "plain.safetensors"), str(foundation), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_params_names_the_plans_there_are(target):
+    fails_with(["nnunet-fseft", "params", "-d", target, "-p", "NoSuchPlans"], "available: FSEFTPlans")

@@ -1,15 +1,14 @@
 """The other methods through the real commands: train and predict with AdaptFormer, ConvAdapter and
 Med-Adapter; `params`; an adapter file exported, imported and predicted; a merged model predicted by
 nnU-Net with this plugin unimportable."""
-import glob
+import json
 import os
 import sys
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
-from conftest import TARGET_ID, TRAIN_ENV, run
+from conftest import TRAIN_ENV, WITHOUT_PLUGIN, images, run, segmentations
 from nnunet_fseft.foundation import read_checkpoint
 from nnunet_fseft.tuners import is_adapter_parameter
 
@@ -18,16 +17,6 @@ COMBO = "nnUNetTrainerFSEFT_LoRA_DecoderFT"  # mergeable, and a decoder-tuning c
 
 def results(workspace, trainer):
     return workspace / "nnUNet_results" / "Dataset501_SynthCTB" / f"{trainer}__FSEFTPlans__3d_fullres"
-
-
-def images(workspace):
-    return workspace / "nnUNet_raw" / "Dataset501_SynthCTB" / "imagesTs"
-
-
-def segmentations(folder):
-    files = sorted(glob.glob(os.path.join(folder, "*.nii.gz")))
-    assert len(files) == 2, files
-    return [sitk.GetArrayFromImage(sitk.ReadImage(f)) for f in files]
 
 
 def train(target, trainer, fold="0"):
@@ -93,6 +82,16 @@ def test_export_import_round_trip_predicts_the_same(combo, foundation, workspace
     for g, w in zip(got, want):
         assert np.array_equal(g, w)
 
+    # an installation whose method has other hyper-parameters is refused
+    from safetensors.torch import save_file
+    from nnunet_fseft.adapter_file import METADATA_KEY, import_adapter, read_adapter
+    tensors, info = read_adapter(str(adapter))
+    info["settings"]["rank"] = 4
+    save_file(tensors, str(tmp_path / "rank4.safetensors"), metadata={METADATA_KEY: json.dumps(info)})
+    with pytest.raises(ValueError, match="settings"):
+        import_adapter(str(tmp_path / "rank4.safetensors"), str(foundation), str(tmp_path / "y"))
+    assert not (tmp_path / "y").exists()
+
     # a foundation other than the one it was trained on is refused
     other = tmp_path / "other" / foundation.name
     (other / "fold_all").mkdir(parents=True)
@@ -102,23 +101,6 @@ def test_export_import_round_trip_predicts_the_same(combo, foundation, workspace
         (foundation / "fold_all" / "checkpoint_final.pth").read_bytes() + b"\0")
     p = run(["nnunet-fseft", "import", adapter, "--foundation", other, "-o", tmp_path / "x"], check=False)
     assert p.returncode == 2 and "sha256" in p.stdout and "Traceback" not in p.stdout
-
-
-WITHOUT_PLUGIN = """
-import os, sys
-if __name__ == "__main__":  # nnU-Net's spawned preprocessing workers import this file again
-    # nnU-Net as a colleague without nnunet-fseft has it: our package cannot be imported, and
-    # nnU-Net searches no folder of ours for trainers.
-    for name in list(sys.modules):
-        if name.startswith("nnunet_fseft"):
-            del sys.modules[name]
-    sys.modules["nnunet_fseft"] = None
-    os.environ["nnUNet_extTrainer"] = os.pathsep.join(
-        p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if "nnunet_fseft" not in p)
-    from nnunetv2.inference.predict_from_raw_data import predict_entry_point_modelfolder
-    sys.argv = ["nnUNetv2_predict_from_modelfolder"] + sys.argv[1:]
-    predict_entry_point_modelfolder()
-"""
 
 
 def test_merged_model_runs_on_nnunet_alone_with_the_same_segmentation(combo, workspace, tmp_path):

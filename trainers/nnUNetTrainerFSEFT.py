@@ -96,7 +96,9 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
 
     def initialize(self):
         # nnU-Net gives the trainer no sign of -pretrained_weights; its command line is the only one.
-        pretrained_weights_follow = any(a.split("=")[0] == "-pretrained_weights" for a in sys.argv)
+        # (argparse also accepts unambiguous abbreviations such as -pretrained)
+        pretrained_weights_follow = any(len(a.split("=")[0]) > 3 and "-pretrained_weights".startswith(a.split("=")[0])
+                                        for a in sys.argv)
         if (self.foundation is None or pretrained_weights_follow) and not self._restoring:
             if self.is_ddp:
                 raise RuntimeError("Multi-GPU training needs the foundation recorded by `nnunet-fseft adopt` "

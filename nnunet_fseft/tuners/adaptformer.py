@@ -4,6 +4,8 @@ block(x) + scale * up(relu(down(x))). On a transformer (Primus) it sits beside e
 MLP and is made of linear layers; on a conv U-Net it sits beside each conv block (a
 conv-norm-nonlinearity unit, or a residual block of ResEnc) and is made of 1x1x1 convs, the
 down-projection taking the block's stride so that both paths meet at the same resolution.
+On Primus the branch joins the MLP's output, so EVA's layer scale (gamma, 0.1 in nnU-Net's Primus
+trainers) and drop-path apply to it too: its effective scale there is scale x gamma.
 """
 from torch import nn
 

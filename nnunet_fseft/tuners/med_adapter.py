@@ -6,8 +6,10 @@ y + up(mix(local(h) + global(h) + interaction)), h = GELU(down(y)), where
 - local: depthwise convs at several kernel sizes, each factorised in-plane (1,k,k) then
   through-plane (k,1,1); nnU-Net puts the through-plane (slice) axis first;
 - global: FFT over (D, H, W), a learnable real weight and bias that vary along the slice axis
-  only (stored at `slice_bins` positions, interpolated to the actual number of slices), inverse
-  FFT, magnitude;
+  only (stored at `slice_bins` positions, interpolated to the number of slice-axis frequencies),
+  inverse FFT, magnitude. The weight filters along the whole slice axis at once; the bias is added
+  to the in-plane mean (DC) of each slice frequency, as a bias on every in-plane frequency would be
+  a spike at one in-plane voxel;
 - interaction: the previous stage's adapter features, pooled to this stage's size and projected
   by a 1x1x1 conv (the first stage has none);
 - mix: a 1x1x1 conv.
@@ -34,9 +36,11 @@ class SliceFilter(nn.Module):
         return F.interpolate(p[None], size=n, mode="linear", align_corners=True)[0][None, :, :, None, None]
 
     def forward(self, h):
-        dtype, d = h.dtype, h.shape[2]
+        dtype, (d, y, x) = h.dtype, h.shape[2:]
         spectrum = torch.fft.fftn(h.float(), dim=(2, 3, 4))  # cuFFT in half precision only takes powers of 2
-        spectrum = spectrum * self.along_slices(self.weight, d) + self.along_slices(self.bias, d)
+        in_plane_mean = torch.zeros(y, x, device=h.device)
+        in_plane_mean[0, 0] = y * x
+        spectrum = spectrum * self.along_slices(self.weight, d) + self.along_slices(self.bias, d) * in_plane_mean
         return torch.fft.ifftn(spectrum, dim=(2, 3, 4)).abs().to(dtype)
 
 
