@@ -14,7 +14,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
-from nnunet_fseft.foundation import (PLANS_KEY, architecture_trainer, find_trainer, load_foundation,
+from nnunet_fseft.foundation import (PLANS_KEY, architecture_trainer, find_trainer, load_foundation_weights,
                                      recorded_foundation, sha256)
 from nnunet_fseft.model_folder import build_network, checkpoint_path, load_json, load_model, write_model
 from nnunet_fseft.parameters import count_parameters
@@ -130,7 +130,7 @@ def import_adapter(path: str, foundation_folder: str, out_folder: str) -> str:
     plans[PLANS_KEY] = {**plans[PLANS_KEY], "checkpoint": os.path.abspath(foundation_ckpt),
                         "model_folder": os.path.abspath(foundation_folder)}
     network = build_network(trainer_class, plans, dataset_json, info["configuration"])
-    load_foundation(network, plans[PLANS_KEY])
+    load_foundation_weights(network, foundation_ckpt)  # its sha256 was checked above
     own = dict(network.named_parameters())
     own.update(network.named_buffers())
     missing = sorted(n for n, p in network.named_parameters() if p.requires_grad and n not in tensors)

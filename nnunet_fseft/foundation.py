@@ -79,19 +79,19 @@ def foundation_weights(network: nn.Module, weights: Dict[str, torch.Tensor],
     return {k: v for k, v in weights.items() if k not in head}
 
 
-def check_foundation_file(record: dict) -> str:
-    """The recorded checkpoint's path, after checking it is the very file that was adopted."""
+def load_foundation(network: nn.Module, record: dict) -> None:
+    """Loads the recorded foundation into a (possibly adapted) unwrapped network, head excluded,
+    after checking it is the very file that was adopted."""
     path = record["checkpoint"]
     if os.path.isfile(path) and sha256(path) != record["sha256"]:
         # repeats and methods must all start from the same weights
         raise ValueError(f"Foundation {path} changed since `nnunet-fseft adopt` recorded it; "
                          f"adopt it again (or restore the original file).")
-    return path
+    load_foundation_weights(network, path)
 
 
-def load_foundation(network: nn.Module, record: dict) -> None:
-    """Loads the recorded foundation into a (possibly adapted) unwrapped network, head excluded."""
-    path = check_foundation_file(record)
+def load_foundation_weights(network: nn.Module, path: str) -> None:
+    """Loads a checked foundation checkpoint into an unwrapped network: everything but adapters and head."""
     weights = read_checkpoint(path)["network_weights"]
     network.load_state_dict(foundation_weights(network, weights, path), strict=False)
 

@@ -37,9 +37,6 @@ def parameter_groups(network: nn.Module) -> Dict[str, Set[str]]:
     }
 
 
-PARAMETER_GROUPS = ("all", "adapters", "head", "decoder", "last_stage", "bias", "norm")
-
-
 def head_names(network: nn.Module) -> Set[str]:
     """State-dict keys of the head (replaced for every target, so never taken from a foundation)."""
     heads = anatomy(network).head
@@ -49,10 +46,10 @@ def head_names(network: nn.Module) -> Set[str]:
 def freeze(network: nn.Module, trainable: Iterable[str]) -> None:
     """Sets requires_grad on exactly the parameters of the named groups."""
     trainable = list(trainable)
-    unknown = [g for g in trainable if g not in PARAMETER_GROUPS]
-    if unknown:
-        raise ValueError(f"Unknown parameter group(s) {unknown}; known groups: {list(PARAMETER_GROUPS)}.")
     groups = parameter_groups(network)
+    unknown = [g for g in trainable if g not in groups]
+    if unknown:
+        raise ValueError(f"Unknown parameter group(s) {unknown}; known groups: {list(groups)}.")
     chosen = set().union(*(groups[g] for g in trainable))
     for name, p in network.named_parameters():
         p.requires_grad_(name in chosen)

@@ -51,7 +51,7 @@ def adamw_poly(trainer: nnUNetTrainer):
 
 class nnUNetTrainerFSEFT(nnUNetTrainer):
     tuner = None  # method name in nnunet_fseft.tuners.registry.TUNERS; None adds no adapters
-    trainable = ("all",)  # parameter groups it trains (nnunet_fseft.parameters.PARAMETER_GROUPS)
+    trainable = ("all",)  # parameter groups it trains (nnunet_fseft.parameters.parameter_groups)
 
     # Schedule for K <= 10 support scans (nnU-Net's 1000 x 250 is far too long);
     # nnUNet_fseft_epochs / nnUNet_fseft_iters_per_epoch override it.

@@ -46,7 +46,7 @@ def extend(module: nn.Module, mixin: type, branch_name: str, branch: nn.Module) 
     base = type(module)
     cls = _EXTENDED.get((mixin, base))
     if cls is None:
-        cls = type(f"{mixin.__name__}{base.__name__}", (mixin, base), {"fseft_base_class": base})
+        cls = type(f"{mixin.__name__}{base.__name__}", (mixin, base), {})
         _EXTENDED[(mixin, base)] = cls
     module.__class__ = cls
     module.add_module(branch_name, branch.to(next(module.parameters()).device))
