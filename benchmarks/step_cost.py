@@ -4,8 +4,12 @@ Builds nnU-Net's default 3d_fullres network (PlainConvUNet, 6 stages, 32..320 fe
 nnU-Net plans it for a 128^3 CT patch; `--arch resenc` for a ResEnc-M-like one), adapts it
 with each trainer's own `adapt()`, and reports per method: trainable parameters, adapter-file
 size (what `nnunet-fseft export` writes) against the full weights, and the time and peak memory
-of training steps with nnU-Net's deep-supervised Dice + CE loss and AdamW. Last, the inference
-time of a merged LoRA model against the foundation's.
+of training steps with nnU-Net's deep-supervised Dice + CE loss and AdamW. Black-box methods
+(one output, no deep supervision) run as their trainers do: on cached features (a batch of
+the foundation's last decoder features) or, for `SpatialAdapterOnline`, through the frozen
+foundation from images. Transductive variants cost their base method plus one whole-volume
+adapter pass per step, which depends on the query volume's size; they are left out. Last, the
+inference time of a merged LoRA model against the foundation's.
 
     python benchmarks/step_cost.py                        # GPU if there is one, else CPU
     python benchmarks/step_cost.py --device cpu --patch 64 --steps 3
@@ -22,12 +26,14 @@ from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 from nnunet_fseft.adapter_file import _safetensors_bytes, trained_tensors
+from nnunet_fseft.blackbox import build_black_box
 from nnunet_fseft.parameters import count_parameters
 from nnunet_fseft.trainers import METHODS as TRAINERS
+from nnunet_fseft.trainers.blackbox import nnUNetTrainerFSEFT_BlackBox
 from nnunet_fseft.tuners.registry import merge_tuner
 
 PREFIX = "nnUNetTrainerFSEFT_"
-METHODS = {name[len(PREFIX):]: cls for name, cls in TRAINERS.items()}
+METHODS = {name[len(PREFIX):]: cls for name, cls in TRAINERS.items() if not getattr(cls, "transductive", False)}
 NUM_CLASSES = 5
 
 DEFAULT_3D_FULLRES = {
@@ -44,11 +50,19 @@ RESENC_M = {**{k: v for k, v in DEFAULT_3D_FULLRES.items() if k != "n_conv_per_s
 ARCHITECTURES = {"plain": ("PlainConvUNet", DEFAULT_3D_FULLRES), "resenc": ("ResidualEncoderUNet", RESENC_M)}
 
 
+def is_black_box(method_cls) -> bool:
+    return method_cls is not None and issubclass(method_cls, nnUNetTrainerFSEFT_BlackBox)
+
+
 def build(method_cls, args, device, deep_supervision=True):
     name, kwargs = ARCHITECTURES[args.arch]
     net = get_network_from_plans(f"dynamic_network_architectures.architectures.unet.{name}", dict(kwargs),
                                  ["conv_op", "norm_op", "dropout_op", "nonlin"], 1, NUM_CLASSES,
                                  deep_supervision=deep_supervision)
+    if is_black_box(method_cls):
+        net = build_black_box(net, method_cls.adapter, NUM_CLASSES)
+        net.takes_features = method_cls.features == "cached"
+        return net.to(device)
     return (method_cls.adapt(net) if method_cls else net).to(device)
 
 
@@ -61,9 +75,11 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def nnunet_loss():
+def nnunet_loss(deep_supervision=True):
     loss = DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False}, {}, weight_ce=1,
                           weight_dice=1, ignore_label=None, dice_class=MemoryEfficientSoftDiceLoss)
+    if not deep_supervision:
+        return loss
     weights = torch.tensor([1 / 2 ** i for i in range(5)])
     weights[-1] = 0
     return DeepSupervisionWrapper(loss, (weights / weights.sum()).tolist())
@@ -74,10 +90,14 @@ def measure(method_cls, args, device):
     net = build(method_cls, args, device).train()
     size = file_bytes(net)
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
-    loss_fn = nnunet_loss()
-    x = torch.randn(args.batch, 1, *[args.patch] * 3, device=device)
+    black_box = is_black_box(method_cls)
+    loss_fn = nnunet_loss(deep_supervision=not black_box)
+    channels = net.foundation.channels if black_box and net.takes_features else 1  # cached features, or images
+    x = torch.randn(args.batch, channels, *[args.patch] * 3, device=device)
     targets = [torch.randint(0, NUM_CLASSES, (args.batch, 1, *[args.patch // 2 ** i] * 3), device=device)
                for i in range(5)]
+    if black_box:
+        targets = targets[0]
     if args.compile:
         net = torch.compile(net)
     amp = device.type == "cuda" and not args.fp32

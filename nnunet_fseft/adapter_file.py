@@ -14,6 +14,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
+from nnunet_fseft.blackbox import is_black_box
 from nnunet_fseft.foundation import (PLANS_KEY, architecture_trainer, find_trainer, load_foundation_weights,
                                      recorded_foundation, sha256)
 from nnunet_fseft.model_folder import build_network, checkpoint_path, load_json, load_model, write_model
@@ -38,6 +39,8 @@ def trained_tensors(network: nn.Module) -> Dict[str, torch.Tensor]:
 def method_settings(trainer_class) -> dict:
     """What a rebuilt network depends on: the method, its groups and hyper-parameters."""
     settings = {"tuner": trainer_class.tuner, "trainable": list(trainer_class.trainable)}
+    if getattr(trainer_class, "adapter", None):  # black-box methods
+        settings["adapter"] = trainer_class.adapter
     if trainer_class.tuner is not None:
         settings.update({k: list(v) if isinstance(v, tuple) else v
                          for k, v in tuner_hyperparameters(trainer_class.tuner, trainer_class).items()})
@@ -130,7 +133,8 @@ def import_adapter(path: str, foundation_folder: str, out_folder: str) -> str:
     plans[PLANS_KEY] = {**plans[PLANS_KEY], "checkpoint": os.path.abspath(foundation_ckpt),
                         "model_folder": os.path.abspath(foundation_folder)}
     network = build_network(trainer_class, plans, dataset_json, info["configuration"])
-    load_foundation_weights(network, foundation_ckpt)  # its sha256 was checked above
+    if not is_black_box(network):  # a black-box network reads its foundation when it is built
+        load_foundation_weights(network, foundation_ckpt)  # its sha256 was checked above
     own = dict(network.named_parameters())
     own.update(network.named_buffers())
     missing = sorted(n for n, p in network.named_parameters() if p.requires_grad and n not in tensors)
@@ -164,6 +168,9 @@ def merge_model(folder: str, out_folder: str) -> List[str]:
             raise ValueError(f"{trainer_class.__name__} adds non-linear adapter branches, which cannot be folded "
                              f"into the foundation's weights; share it with `nnunet-fseft export` instead "
                              f"(mergeable: LoRA, BitFit, AffineNorm and the fine-tuning baselines).")
+        if is_black_box(network):
+            raise ValueError(f"{trainer_class.__name__} is a black-box adapter on the foundation's features, not a "
+                             f"change of its weights; share it with `nnunet-fseft export` instead.")
         merge_tuner(network, trainer_class.tuner)
         plain_trainer = architecture_trainer(plans)
         configuration = ckpt["init_args"]["configuration"]
@@ -190,9 +197,9 @@ def method_costs(plans: dict, dataset_json: dict, configuration: str, trainers) 
         trainable, total = count_parameters(network)
         size = len(_safetensors_bytes(trained_tensors(network), {"method": t.__name__, "plans": plans,
                                                                  "dataset_json": dataset_json}))
-        foundation = sum(p.numel() for n, p in network.named_parameters() if not is_adapter_parameter(n))
+        adapters = sum(p.numel() for n, p in network.named_parameters() if is_adapter_parameter(n))
         rows.append({"method": t.__name__, "trainable": trainable, "total": total, "file_bytes": size,
-                     "full_bytes": 4 * foundation})  # fp32 weights of a full copy of the model
+                     "full_bytes": 4 * (total - adapters)})  # fp32 weights of a full copy of the model
     return rows
 
 

@@ -3,6 +3,8 @@ import argparse
 import os
 import sys
 
+import numpy as np
+
 # Bad input is reported as these, each with one sentence saying what is wrong and how to fix it.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, RuntimeError)
 
@@ -89,6 +91,15 @@ def cmd_merge(args):
         print(f"Wrote {path}")
 
 
+def cmd_zeroshot(args):
+    from nnunet_fseft.zeroshot import zeroshot
+    dice, out = zeroshot(args.d, args.p, args.f, args.o, args.device, not args.disable_tta, args.np)
+    print(f"Zero-shot (K = 0) Dice of the foundation on the held-out cases (nnU-Net's summary.json in {out}):")
+    for label, value in dice.items():
+        print(f"  {label:<30} {value:.4f}")
+    print(f"  {'mean':<30} {np.mean(list(dice.values())):.4f}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nnunet-fseft", description="Few-shot, parameter-efficient fine-tuning of "
                                 "nnU-Net foundation models through the standard nnU-Net commands.")
@@ -149,6 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model_folder", help="nnU-Net results folder TRAINER__PLANS__CONFIGURATION")
     s.add_argument("-o", required=True, help="model folder to write (e.g. …/nnUNetTrainer__FSEFTPlans__3d_fullres)")
     s.set_defaults(func=cmd_merge)
+
+    s = sub.add_parser("zeroshot", help="Dice of the foundation alone on the held-out cases, for the labels it knows (K = 0)")
+    s.add_argument("-d", required=True, help="target dataset id or name (adopted, with K-shot splits)")
+    s.add_argument("-p", default="FSEFTPlans", help="plans name (default FSEFTPlans)")
+    s.add_argument("-f", type=int, default=0, help="fold of splits_final.json whose held-out cases to score (default 0)")
+    s.add_argument("-o", default=None, help="output folder (default nnUNet_results/DATASET/fseft_zeroshot__PLANS__CONFIG)")
+    s.add_argument("-device", "--device", default="cpu", choices=["cpu", "cuda"])
+    s.add_argument("--disable_tta", action="store_true", help="no test-time mirroring (faster)")
+    s.add_argument("-np", type=int, default=2, help="processes for evaluation (default 2)")
+    s.set_defaults(func=cmd_zeroshot)
 
     s = sub.add_parser("demo", help="the whole few-shot loop on synthetic data, end to end")
     s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -60,9 +60,20 @@ class Demo:
                 raise RuntimeError(f"{args[0]} failed (exit {p.returncode}); see {self.log}.")
         return "".join(out)
 
-    def train(self, dataset, fold, plans, trainer, schedule):
+    def adopt(self, foundation: str, target) -> None:
+        """`nnunet-fseft adopt`, its nnU-Net preprocessing output and progress bars sent to the log."""
+        from nnunet_fseft.adopt import adopt
+        with open(self.log, "a") as log:
+            streams = sys.stdout, sys.stderr
+            sys.stdout = sys.stderr = log
+            try:
+                adopt(foundation, str(target))
+            finally:
+                sys.stdout, sys.stderr = streams
+
+    def train(self, dataset, fold, plans, trainer, schedule, **extra_env):
         epochs, iters = schedule
-        env = {"nnUNet_fseft_epochs": str(epochs), "nnUNet_fseft_iters_per_epoch": str(iters)}
+        env = {"nnUNet_fseft_epochs": str(epochs), "nnUNet_fseft_iters_per_epoch": str(iters), **extra_env}
         if self.device == "cpu":
             env["nnUNet_n_proc_DA"] = "0"
         t = time.time()
@@ -78,7 +89,6 @@ def run_demo(workdir: str, device: str = "cpu") -> dict:
         import torch
         if not torch.cuda.is_available():
             raise RuntimeError("--device cuda was given but torch sees no GPU; use --device cpu.")
-    from nnunet_fseft.adopt import adopt
     from nnunet_fseft.kshot import write_kshot_splits
     from nnunet_fseft.plans_presets import apply_preset
     from nnunet_fseft.synth import synth_dataset
@@ -101,13 +111,7 @@ def run_demo(workdir: str, device: str = "cpu") -> dict:
     d.say(f"   foundation trained in {foundation_time:.0f} s")
 
     d.say(f"3/6 adopting the foundation for the target and drawing a {K}-shot split")
-    with open(d.log, "a") as log:  # adopt prints nnU-Net's preprocessing output and progress bars
-        streams = sys.stdout, sys.stderr
-        sys.stdout = sys.stderr = log
-        try:
-            adopt(foundation, str(TARGET_ID))
-        finally:
-            sys.stdout, sys.stderr = streams
+    d.adopt(foundation, TARGET_ID)
     write_kshot_splits(str(TARGET_ID), K, repeats=1, seed=0, test=2)
 
     rows = []

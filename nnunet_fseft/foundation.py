@@ -79,15 +79,22 @@ def foundation_weights(network: nn.Module, weights: Dict[str, torch.Tensor],
     return {k: v for k, v in weights.items() if k not in head}
 
 
-def load_foundation(network: nn.Module, record: dict) -> None:
-    """Loads the recorded foundation into a (possibly adapted) unwrapped network, head excluded,
-    after checking it is the very file that was adopted."""
+def read_foundation(record: dict) -> dict:
+    """The recorded foundation's checkpoint (weights with the head, mirroring axes), after checking
+    it is the very file that was adopted: repeats and methods must all start from the same weights."""
     path = record["checkpoint"]
     if os.path.isfile(path) and sha256(path) != record["sha256"]:
-        # repeats and methods must all start from the same weights
         raise ValueError(f"Foundation {path} changed since `nnunet-fseft adopt` recorded it; "
                          f"adopt it again (or restore the original file).")
-    load_foundation_weights(network, path)
+    return read_checkpoint(path)
+
+
+def load_foundation(network: nn.Module, record: dict) -> Dict[str, torch.Tensor]:
+    """Loads the recorded foundation into a (possibly adapted) unwrapped network, head excluded;
+    returns all its weights (the head's are the zero-shot start of a new head)."""
+    weights = read_foundation(record)["network_weights"]
+    network.load_state_dict(foundation_weights(network, weights, record["checkpoint"]), strict=False)
+    return weights
 
 
 def load_foundation_weights(network: nn.Module, path: str) -> None:

@@ -9,6 +9,7 @@ from typing import Dict, Iterable, Set, Tuple
 from torch import nn
 
 from nnunet_fseft.anatomy import anatomy, within
+from nnunet_fseft.blackbox import frozen_foundation
 from nnunet_fseft.tuners import is_adapter_parameter
 
 # Normalisation layers whose scale and shift AffineNorm trains (LayerNormNd: Primus's decoder).
@@ -56,7 +57,8 @@ def freeze(network: nn.Module, trainable: Iterable[str]) -> None:
 
 
 def count_parameters(network: nn.Module) -> Tuple[int, int]:
-    """(trainable, total) parameter counts; shared tensors are counted once."""
+    """(trainable, total) parameter counts; shared tensors are counted once. A black-box
+    network's total includes the frozen foundation it queries (which is not its submodule)."""
     seen, trainable, total = set(), 0, 0
     for p in network.parameters():
         if id(p) in seen:
@@ -64,4 +66,5 @@ def count_parameters(network: nn.Module) -> Tuple[int, int]:
         seen.add(id(p))
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
-    return trainable, total
+    frozen = frozen_foundation(network)
+    return trainable, total + (frozen.num_parameters() if frozen is not None else 0)

@@ -10,8 +10,20 @@ import sys
 
 import pytest
 
-FOUNDATION_ID, TARGET_ID = "100", "501"
+FOUNDATION_ID, TARGET_ID, BASE_TARGET_ID = "100", "501", "502"
+# The foundation's four organs under other names: zero-shot matching must find every one.
+BASE_TARGET_LABELS = {"background": 0, "Liver": 1, "lien": 2, "left kidney": 3, "Kidney_R": 4}
 BIN = os.path.dirname(sys.executable)  # the commands installed beside this interpreter
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for unit tests of tiny networks: faster than two on a 2-core machine."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def run(args, env=None, check=True, timeout=900):
@@ -93,3 +105,19 @@ def target(foundation):
     run(["nnunet-fseft", "adopt", "--foundation", foundation, "-d", TARGET_ID])
     run(["nnunet-fseft", "kshot", "-d", TARGET_ID, "-k", "1", "--repeats", "2", "--test", "2"])
     return TARGET_ID
+
+
+@pytest.fixture(scope="session")
+def base_target(foundation, workspace):
+    """The foundation's own organs on new scans, labelled with synonyms; adopted, 1-shot x 1,
+    with 2 unlabelled imagesTs scans (transductive queries)."""
+    import json
+    run(["nnunet-fseft", "synth", "-d", BASE_TARGET_ID, "--cases", "4", "--test", "2", "--seed", "5",
+         "--shape", "32", "32", "32", "--name", "SynthBase"])
+    path = workspace / "nnUNet_raw" / "Dataset502_SynthBase" / "dataset.json"
+    dataset = json.loads(path.read_text())
+    assert list(dataset["labels"].values()) == list(BASE_TARGET_LABELS.values())
+    path.write_text(json.dumps({**dataset, "labels": BASE_TARGET_LABELS}, indent=2))
+    run(["nnunet-fseft", "adopt", "--foundation", foundation, "-d", BASE_TARGET_ID])
+    run(["nnunet-fseft", "kshot", "-d", BASE_TARGET_ID, "-k", "1", "--repeats", "1", "--test", "2"])
+    return BASE_TARGET_ID

@@ -10,7 +10,8 @@ from networks import ARCHITECTURES, INPUT_SHAPES, plans_manager
 from nnunet_fseft.adapter_file import _safetensors_bytes, trained_tensors
 from nnunet_fseft.anatomy import anatomy
 from nnunet_fseft.parameters import count_parameters
-from nnunet_fseft.trainers import METHODS
+from nnunet_fseft.trainers import METHODS as ALL_METHODS
+from nnunet_fseft.trainers.blackbox import nnUNetTrainerFSEFT_BlackBox
 from nnunet_fseft.tuners import is_adapter_parameter
 from nnunet_fseft.tuners.registry import is_mergeable, merge_tuner
 
@@ -19,17 +20,14 @@ NOT_APPLICABLE = {  # (architecture, tuner): the sentence's gist
     ("primus", "med_adapter"): "transformer encoder",
     ("plain2d", "med_adapter"): "needs a 3D network",
 }
+# methods that change the foundation's network (black-box ones: test_blackbox.py)
+METHODS = {m: t for m, t in ALL_METHODS.items() if not issubclass(t, nnUNetTrainerFSEFT_BlackBox)}
 CASES = [(a, m) for a in ARCHITECTURES for m in METHODS if (a, METHODS[m].tuner) not in NOT_APPLICABLE]
 REFUSED = [(a, m) for a in ARCHITECTURES for m in METHODS if (a, METHODS[m].tuner) in NOT_APPLICABLE]
 MERGEABLE = [(a, m) for a, m in CASES if is_mergeable(METHODS[m].tuner)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def outputs(net, x):

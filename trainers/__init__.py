@@ -9,8 +9,11 @@ from nnunet_fseft.trainers.peft import (nnUNetTrainerFSEFT_AdaptFormer, nnUNetTr
                                         nnUNetTrainerFSEFT_BitFit_DecoderFT, nnUNetTrainerFSEFT_ConvAdapter,
                                         nnUNetTrainerFSEFT_ConvAdapterParallel, nnUNetTrainerFSEFT_DecoderFT,
                                         nnUNetTrainerFSEFT_FTLast, nnUNetTrainerFSEFT_FullFT,
+                                        nnUNetTrainerFSEFT_LinearProbe, nnUNetTrainerFSEFT_LinearProbeTI,
                                         nnUNetTrainerFSEFT_LoRA, nnUNetTrainerFSEFT_LoRA_DecoderFT,
-                                        nnUNetTrainerFSEFT_MedAdapter, nnUNetTrainerFSEFT_MedAdapter_DecoderFT)
+                                        nnUNetTrainerFSEFT_MedAdapter, nnUNetTrainerFSEFT_MedAdapter_DecoderFT,
+                                        nnUNetTrainerFSEFT_SpatialAdapter, nnUNetTrainerFSEFT_SpatialAdapterOnline,
+                                        nnUNetTrainerFSEFT_SpatialAdapterTI)
 from nnunet_fseft.trainers.pretrain import nnUNetTrainerFSEFT_Pretrain
 
 # Every fine-tuning method, by trainer name (`nnunet-fseft params` lists them in this order).
@@ -19,6 +22,8 @@ METHODS = {t.__name__: t for t in (
     nnUNetTrainerFSEFT_BitFit, nnUNetTrainerFSEFT_AffineNorm, nnUNetTrainerFSEFT_LoRA,
     nnUNetTrainerFSEFT_AdaptFormer, nnUNetTrainerFSEFT_ConvAdapter, nnUNetTrainerFSEFT_ConvAdapterParallel,
     nnUNetTrainerFSEFT_MedAdapter, nnUNetTrainerFSEFT_LoRA_DecoderFT, nnUNetTrainerFSEFT_AdaptFormer_DecoderFT,
-    nnUNetTrainerFSEFT_BitFit_DecoderFT, nnUNetTrainerFSEFT_MedAdapter_DecoderFT)}
+    nnUNetTrainerFSEFT_BitFit_DecoderFT, nnUNetTrainerFSEFT_MedAdapter_DecoderFT,
+    nnUNetTrainerFSEFT_LinearProbe, nnUNetTrainerFSEFT_SpatialAdapter, nnUNetTrainerFSEFT_SpatialAdapterOnline,
+    nnUNetTrainerFSEFT_LinearProbeTI, nnUNetTrainerFSEFT_SpatialAdapterTI)}
 
 __all__ = ["nnUNetTrainerFSEFT", "nnUNetTrainerFSEFT_Pretrain", *METHODS]

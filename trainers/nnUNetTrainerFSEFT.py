@@ -21,7 +21,9 @@ import torch
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunet_fseft.anatomy import anatomy
 from nnunet_fseft.foundation import architecture_trainer, load_foundation, recorded_foundation, unwrap
+from nnunet_fseft.head_init import head_rows, initialise_head
 from nnunet_fseft.parameters import count_parameters, freeze
 from nnunet_fseft.tuners.registry import apply_tuner
 
@@ -60,6 +62,8 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
     val_iterations_per_epoch = 10
     learning_rate = 1e-3
     weight_decay_fseft = 1e-4
+    # Zero-shot start: target labels the foundation knows (by name) start from its head rows.
+    head_init = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -94,12 +98,14 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
             enable_deep_supervision)
         return cls.adapt(network)
 
-    def initialize(self):
+    @staticmethod
+    def pretrained_weights_follow() -> bool:
         # nnU-Net gives the trainer no sign of -pretrained_weights; its command line is the only one.
         # (argparse also accepts unambiguous abbreviations such as -pretrained)
-        pretrained_weights_follow = any(len(a.split("=")[0]) > 3 and "-pretrained_weights".startswith(a.split("=")[0])
-                                        for a in sys.argv)
-        if (self.foundation is None or pretrained_weights_follow) and not self._restoring:
+        return any(len(a.split("=")[0]) > 3 and "-pretrained_weights".startswith(a.split("=")[0]) for a in sys.argv)
+
+    def initialize(self):
+        if (self.foundation is None or self.pretrained_weights_follow()) and not self._restoring:
             if self.is_ddp:
                 raise RuntimeError("Multi-GPU training needs the foundation recorded by `nnunet-fseft adopt` "
                                    "(adapters must be in place before DDP wraps the network); adopt the "
@@ -111,8 +117,31 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
         if self._inject_on_train_start:
             self._before_pretrained = next(unwrap(self.network).parameters()).detach().clone()
         elif not self._restoring:
-            load_foundation(unwrap(self.network), self.foundation)
+            foundation_heads = self.start_from_foundation(unwrap(self.network))
             self.print_to_log_file(f"Loaded foundation {self.foundation['checkpoint']}")
+            if self.head_init:
+                self.initialise_head(unwrap(self.network), foundation_heads)
+
+    def start_from_foundation(self, network: torch.nn.Module) -> list:
+        """Loads the recorded foundation into the network; returns its head tensors as
+        (weight, bias) per new head, or [] where the new head cannot start from them."""
+        weights = load_foundation(network, self.foundation)
+        a = anatomy(network)
+        if a.transformer:  # Primus's decoder is sized by the number of classes: nothing to copy
+            return []
+        return [(weights[f"{h}.weight"], weights.get(f"{h}.bias")) for h in a.head]
+
+    def new_heads(self, network: torch.nn.Module) -> list:
+        return [network.get_submodule(h) for h in anatomy(network).head]
+
+    def initialise_head(self, network: torch.nn.Module, foundation_heads: list) -> None:
+        if not foundation_heads:
+            self.print_to_log_file("head initialisation: not available for this architecture (new head)")
+            return
+        rows, message = head_rows(self.dataset_json["labels"], self.foundation.get("labels", {}))
+        self.print_to_log_file(message)
+        if rows:
+            initialise_head(self.new_heads(network), foundation_heads, rows)
 
     def _build_loss(self):
         # Primus has one output and no `decoder` to switch deep supervision on or off

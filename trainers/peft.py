@@ -4,6 +4,7 @@ Groups (nnunet_fseft.parameters): all, adapters, head, decoder, last_stage, bias
 Learning rates follow the demo task's sweep (README, Schedule): a frozen backbone with a few
 trained tensors needs a larger step than full fine-tuning to leave the head's background bias.
 """
+from nnunet_fseft.trainers.blackbox import nnUNetTrainerFSEFT_BlackBox
 from nnunet_fseft.trainers.nnUNetTrainerFSEFT import nnUNetTrainerFSEFT
 
 
@@ -106,3 +107,33 @@ class nnUNetTrainerFSEFT_BitFit_DecoderFT(nnUNetTrainerFSEFT_BitFit):
 class nnUNetTrainerFSEFT_MedAdapter_DecoderFT(nnUNetTrainerFSEFT_MedAdapter):
     trainable = ("adapters", "decoder", "head")
     learning_rate = 1e-3
+
+
+# --- black-box: the foundation is only queried for features (trainers/blackbox.py) -----------
+
+class nnUNetTrainerFSEFT_LinearProbe(nnUNetTrainerFSEFT_BlackBox):
+    """A 1x1x1 head on the frozen foundation's last decoder features."""
+    adapter = "linear_probe"
+    learning_rate = 1e-2
+
+
+class nnUNetTrainerFSEFT_SpatialAdapter(nnUNetTrainerFSEFT_BlackBox):
+    """FSEFT's Spatial Adapter, x + conv3(relu(conv3(x))) with the second conv at zero, then a head."""
+    adapter = "spatial_adapter"
+    learning_rate = 1e-2
+
+
+class nnUNetTrainerFSEFT_SpatialAdapterOnline(nnUNetTrainerFSEFT_SpatialAdapter):
+    """The Spatial Adapter on features computed per batch from nnU-Net's augmented images
+    (its intensity augmentations too), instead of the cache."""
+    features = "online"
+
+
+class nnUNetTrainerFSEFT_LinearProbeTI(nnUNetTrainerFSEFT_LinearProbe):
+    """The linear probe with transductive inference: organ-size priors on unlabelled query volumes."""
+    transductive = True
+
+
+class nnUNetTrainerFSEFT_SpatialAdapterTI(nnUNetTrainerFSEFT_SpatialAdapter):
+    """The Spatial Adapter with transductive inference: organ-size priors on unlabelled query volumes."""
+    transductive = True

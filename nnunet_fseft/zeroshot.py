@@ -1,0 +1,99 @@
+"""`nnunet-fseft zeroshot`: the foundation alone on the held-out set, for the target labels it
+already knows by name: the K = 0 row of every results table.
+
+The held-out cases are the validation cases of the K-shot splits (`nnunet-fseft kshot`; every
+fold shares them). Prediction is nnU-Net's own (`nnUNetPredictor`, sliding window and test-time
+mirroring of the foundation), its labels are renamed to the target's (classes the target does not
+have become background), and nnU-Net's evaluator scores the matched labels only.
+"""
+import os
+
+import numpy as np
+
+from nnunet_fseft.foundation import architecture_trainer, read_foundation, recorded_foundation
+from nnunet_fseft.labels import match_labels
+from nnunet_fseft.safety import dataset_name, keep_existing, require_env
+
+OUTPUT_PREFIX = "fseft_zeroshot"
+
+
+def held_out_cases(name: str, fold: int) -> list:
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    path = os.path.join(require_env("nnUNet_preprocessed"), name, "splits_final.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist; draw the K-shot splits first with "
+                                f"`nnunet-fseft kshot -d {name} -k K` (their held-out cases are what zeroshot scores).")
+    splits = load_json(path)
+    if not 0 <= fold < len(splits):
+        raise ValueError(f"{path} has {len(splits)} folds; pass -f between 0 and {len(splits) - 1}.")
+    return splits[fold]["val"]
+
+
+def zeroshot(dataset: str, plans_name: str = "FSEFTPlans", fold: int = 0, out: str = None, device: str = "cpu",
+             mirroring: bool = True, num_processes: int = 2):
+    """Returns ({target label name: mean Dice over the held-out cases}, OUT); writes the predictions
+    and nnU-Net's summary.json to OUT (default nnUNet_results/DATASET/fseft_zeroshot__PLANS__CONFIG)."""
+    import SimpleITK as sitk
+    import torch
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+    from nnunet_fseft.adapter_file import load_plans
+
+    name = dataset_name(dataset)
+    plans, dataset_json = load_plans(name, plans_name)
+    record = recorded_foundation(plans)
+    if record is None:
+        raise ValueError(f"Plans {plans_name} of {name} record no foundation; run `nnunet-fseft adopt` for {name} "
+                         f"(or pass its plans with -p).")
+    matches = match_labels(dataset_json["labels"], record["labels"])
+    if not matches:
+        raise ValueError(f"No label of {name} ({', '.join(n for n in dataset_json['labels'] if n != 'background')}) "
+                         f"is a class the foundation knows ({', '.join(n for n in record['labels'] if n != 'background')}); "
+                         f"zero-shot needs at least one (rename the label if it is the same structure).")
+    cases = get_filenames_of_train_images_and_targets(os.path.join(require_env("nnUNet_raw"), name), dataset_json)
+    held_out = held_out_cases(name, fold)
+    missing = [c for c in held_out if c not in cases]
+    if missing:
+        raise ValueError(f"Held-out case {missing[0]} of splits_final.json is not in {name}'s imagesTr; draw the "
+                         f"splits again with `nnunet-fseft kshot`.")
+    configuration = record["configuration"]
+    out = out or os.path.join(require_env("nnUNet_results"), name, f"{OUTPUT_PREFIX}__{plans_name}__{configuration}")
+    backup = keep_existing(out)  # an earlier run's results are kept, never overwritten
+    if backup:
+        print(f"Kept the previous zero-shot results as {backup}")
+
+    pm = PlansManager(plans)
+    cm = pm.get_configuration(configuration)
+    checkpoint = read_foundation(record)
+    foundation_json = {**dataset_json, "labels": record["labels"]}
+    network = architecture_trainer(plans).build_network_architecture(
+        pm, cm, determine_num_input_channels(pm, cm, dataset_json),
+        pm.get_label_manager(foundation_json).num_segmentation_heads, False)
+    network.load_state_dict(checkpoint["network_weights"])
+    predictor = nnUNetPredictor(use_mirroring=mirroring, perform_everything_on_device=device != "cpu",
+                                device=torch.device(device), allow_tqdm=False)
+    predictor.manual_initialization(network, pm, cm, [checkpoint["network_weights"]], foundation_json, record["trainer"],
+                                    checkpoint.get("inference_allowed_mirroring_axes"))
+    raw_out, final = os.path.join(out, "foundation_labels"), os.path.join(out, "predictions")
+    os.makedirs(raw_out), os.makedirs(final)
+    predictor.predict_from_files_sequential([cases[c]["images"] for c in held_out],
+                                            [os.path.join(raw_out, c) for c in held_out], False, True, None)
+
+    lookup = np.zeros(max(int(v) for v in record["labels"].values()) + 1, dtype=np.uint8)
+    for _, t, _, f in matches:
+        lookup[f] = t
+    ending = dataset_json["file_ending"]
+    for c in held_out:
+        image = sitk.ReadImage(os.path.join(raw_out, c + ending))
+        renamed = sitk.GetImageFromArray(lookup[sitk.GetArrayFromImage(image)])
+        renamed.CopyInformation(image)
+        sitk.WriteImage(renamed, os.path.join(final, c + ending))
+    labels_folder = os.path.dirname(cases[held_out[0]]["label"])
+    summary = compute_metrics_on_folder(labels_folder, final, os.path.join(out, "summary.json"),
+                                        pm.image_reader_writer_class(), ending, [t for _, t, _, _ in matches],
+                                        num_processes=num_processes)
+    means = {str(k): v for k, v in summary["mean"].items()}
+    return {t_name: float(means[str(t)]["Dice"]) for t_name, t, _, _ in matches}, out

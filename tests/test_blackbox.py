@@ -1,0 +1,270 @@
+"""Black-box adapters, the feature cache, label matching, head initialisation and the size prior,
+on tiny networks and synthetic arrays (end to end: test_blackbox_e2e.py)."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from networks import plain2d, plain3d, plans_manager, primus, resenc3d
+from nnunet_fseft.blackbox import build_black_box
+from nnunet_fseft.feature_cache import FeatureDataset, FeatureStore, sliding_window_features
+from nnunet_fseft.head_init import head_rows, initialise_head
+from nnunet_fseft.labels import canonical, match_labels
+from nnunet_fseft.parameters import count_parameters
+from nnunet_fseft.transductive import size_hinge, size_prior, soft_sizes, support_volumes
+
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def foundation(factory=plain3d, seed=0):
+    torch.manual_seed(seed)
+    return factory()
+
+
+def _randomise(module, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+
+
+# --- the black box ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("adapter", ["linear_probe", "spatial_adapter"])
+@pytest.mark.parametrize("factory", [plain3d, resenc3d, plain2d])
+def test_no_foundation_parameter_learns_or_gets_a_gradient(factory, adapter):
+    net = foundation(factory)
+    before = copy.deepcopy(net.state_dict())
+    bb = build_black_box(net, adapter, 2)
+    _randomise(bb.adapter)  # as if trained, so every adapter tensor gets a gradient
+    frozen = list(bb.foundation.network.parameters()) + list(bb.foundation.head.parameters())
+    assert all(not p.requires_grad for p in frozen)
+    assert not {id(p) for p in frozen} & {id(p) for p in bb.parameters()}  # never reachable by an optimiser
+    assert all(k.startswith("adapter.") or k == "_extra_state" for k in bb.state_dict())
+    x = torch.randn((2, 1, 32, 32) if factory is plain2d else (2, 1, 16, 16, 16))
+    optimiser = torch.optim.AdamW(bb.parameters(), lr=1e-2, weight_decay=0)
+    adapter_before = copy.deepcopy(bb.adapter.state_dict())
+    bb.train()
+    assert not bb.foundation.network.training  # its norm layers stay in eval mode
+    for _ in range(3):
+        optimiser.zero_grad()
+        bb(x).square().mean().backward()
+        optimiser.step()
+    assert all(p.grad is None for p in frozen)
+    after = bb.foundation.network.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in after)  # decoder.seg_layers.N is now the Identity
+    head = [k for k in before if k.startswith("decoder.seg_layers.") and k not in after]
+    assert head and all(torch.equal(before[k], bb.foundation.head.state_dict()[k.rsplit(".", 1)[1]])
+                        for k in head if k.startswith(f"decoder.seg_layers.{len(net.decoder.seg_layers) - 1}."))
+    assert all(not torch.equal(v, bb.adapter.state_dict()[k]) for k, v in adapter_before.items())
+
+
+def test_counts_include_the_queried_foundation():
+    net = foundation()
+    total_foundation = sum(p.numel() for p in net.parameters())
+    c = net.decoder.seg_layers[-1].in_channels
+    bb = build_black_box(net, "spatial_adapter", 2)
+    adapter = 2 * (c * c * 27 + c) + 2 * c + 2
+    assert count_parameters(bb) == (adapter, adapter + total_foundation)
+
+
+def test_spatial_adapter_starts_as_the_linear_probe_and_the_foundation_head_gives_its_logits():
+    net = foundation()
+    x = torch.randn(1, 1, 16, 16, 16)
+    net.decoder.deep_supervision = False
+    expected = net.eval()(x)
+    bb = build_black_box(net, "spatial_adapter", 3)
+    with torch.no_grad():
+        bb.adapter.head.load_state_dict(bb.foundation.head.state_dict())
+    assert torch.allclose(bb.eval()(x), expected, atol=1e-5)
+    assert torch.allclose(bb.foundation.logits(x), expected, atol=1e-5)
+
+
+def test_primus_is_refused_in_one_sentence():
+    with pytest.raises(ValueError, match=r"^Black-box methods read the last decoder features of a conv U-Net[^\n]*\.$"):
+        build_black_box(primus(), "linear_probe", 2)
+
+
+def test_a_checkpoint_from_another_foundation_is_refused():
+    a = build_black_box(foundation(), "linear_probe", 2, sha256="a" * 64)
+    b = build_black_box(foundation(), "linear_probe", 2, sha256="b" * 64)
+    with pytest.raises(ValueError, match="trained on the foundation with sha256 aaaaaaaaaaaa"):
+        b.load_state_dict(a.state_dict())
+    b.load_state_dict(build_black_box(foundation(), "linear_probe", 2, sha256="b" * 64).state_dict())
+
+
+# --- the feature cache ------------------------------------------------------------------------
+
+def test_cached_features_of_one_tile_equal_the_online_features():
+    bb = build_black_box(foundation(), "linear_probe", 2)
+    image = torch.randn(1, 16, 16, 16)
+    cached = sliding_window_features(bb.foundation, bb.foundation.channels, image, (16, 16, 16), torch.device("cpu"))
+    online = bb.foundation(image[None])[0]
+    assert cached.dtype == torch.float16 and cached.shape == online.shape
+    assert torch.allclose(cached.float(), online, atol=2e-2, rtol=1e-2)
+
+
+def test_a_linear_head_on_cached_features_gives_nnunets_sliding_window_logits():
+    """Tiles, steps and Gaussian blending are nnU-Net's own: a 1x1x1 head commutes with the blending,
+    so the foundation's head on the cached features is what nnUNetPredictor gives for its logits."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    net = foundation()
+    pm = plans_manager("plain")
+    cm = pm.get_configuration("3d_fullres")
+    image = torch.randn(1, 23, 30, 37)  # several overlapping 16^3 tiles, and padding on no axis
+    reference = copy.deepcopy(net)
+    reference.decoder.deep_supervision = False
+    predictor = nnUNetPredictor(use_mirroring=False, perform_everything_on_device=False, device=torch.device("cpu"),
+                                allow_tqdm=False)
+    predictor.manual_initialization(reference.eval(), pm, cm, None, {"labels": {"background": 0, "a": 1, "b": 2}},
+                                    "nnUNetTrainer", None)
+    expected = predictor.predict_sliding_window_return_logits(image).float()
+    bb = build_black_box(net, "linear_probe", 3)
+    cached = sliding_window_features(bb.foundation, bb.foundation.channels, image, (16, 16, 16), torch.device("cpu"))
+    logits = bb.foundation.head(cached.float()[None])[0]
+    assert logits.shape == expected.shape
+    # away from the volume's corners, where nnU-Net's fp16 blending keeps almost no precision
+    inner = (slice(None), slice(4, -4), slice(4, -4), slice(4, -4))
+    assert torch.allclose(logits[inner], expected[inner], atol=3e-2, rtol=2e-2), (logits - expected)[inner].abs().max()
+
+
+def test_small_volumes_are_padded_to_the_patch_and_cropped_back():
+    bb = build_black_box(foundation(), "linear_probe", 2)
+    image = torch.randn(1, 9, 16, 12)
+    cached = sliding_window_features(bb.foundation, bb.foundation.channels, image, (16, 16, 16), torch.device("cpu"))
+    assert cached.shape == (bb.foundation.channels, 9, 16, 12)
+
+
+def test_2d_networks_cache_slice_by_slice():
+    bb = build_black_box(foundation(plain2d), "linear_probe", 2)
+    image = torch.randn(1, 3, 32, 32)
+    cached = sliding_window_features(bb.foundation, bb.foundation.channels, image, (32, 32), torch.device("cpu"))
+    online = bb.foundation(image.transpose(0, 1))  # the 3 slices as a batch
+    assert torch.allclose(cached.float(), online.transpose(0, 1), atol=2e-2, rtol=1e-2)
+
+
+class _Cases:
+    """nnU-Net's dataset interface over arrays (what the preprocessed dataset gives)."""
+
+    def __init__(self, segs):
+        self.segs = segs
+        self.identifiers = sorted(segs)
+
+    def load_case(self, k):
+        seg = self.segs[k]
+        locations = {c: np.argwhere(seg == c)[::7] for c in (1,)}
+        return None, seg, None, {"class_locations": locations}
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_spatial_augmentation_moves_cached_features_and_labels_together(tmp_path, on_disk):
+    """Features that encode their own label (one-hot) must still agree with the label after
+    nnU-Net's data loader has cropped, rotated, scaled and mirrored them."""
+    from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunet_fseft.trainers.blackbox import nnUNetTrainerFSEFT_BlackBox
+    rng = np.random.default_rng(0)
+    segs = {}
+    for k in ("a", "b"):
+        seg = np.zeros((1, 24, 24, 24), dtype=np.int16)
+        c = rng.integers(6, 18, 3)
+        zz, yy, xx = np.mgrid[:24, :24, :24]
+        seg[0][(zz - c[0]) ** 2 / 25 + (yy - c[1]) ** 2 / 16 + (xx - c[2]) ** 2 / 9 <= 1] = 1
+        segs[k] = seg
+    store = FeatureStore(str(tmp_path / "cache") if on_disk else "")
+    for k, seg in segs.items():
+        store.put(k, torch.from_numpy(np.concatenate([seg == 0, seg == 1]).astype(np.float32)))
+    transforms = nnUNetTrainer.get_training_transforms(
+        (16, 16, 16), (-np.pi, np.pi), None, (0, 1, 2), False, use_mask_for_norm=[False])
+    n_before = len(transforms.transforms)
+    transforms = nnUNetTrainerFSEFT_BlackBox._spatial_only(transforms)
+    kinds = [type(t).__name__ for t in transforms.transforms]
+    assert kinds == ["SpatialTransform", "MirrorTransform", "RemoveLabelTransform"] and n_before > len(kinds)
+    lm = plans_manager("plain").get_label_manager({"labels": {"background": 0, "organ": 1}})
+    loader = nnUNetDataLoader(FeatureDataset(_Cases(segs), store), 4, (24, 24, 24), (16, 16, 16), lm,
+                              oversample_foreground_percent=1.0, transforms=transforms)
+    agree, moved = [], 0
+    for _ in range(5):
+        batch = loader.generate_train_batch()
+        assert batch["data"].shape == (4, 2, 16, 16, 16)
+        predicted = batch["data"].argmax(1)
+        agree.append((predicted == batch["target"][:, 0]).float().mean().item())
+        moved += int(batch["target"].sum() > 0)
+    assert min(agree) > 0.97, agree  # trilinear features vs nearest labels differ only on borders
+    assert moved == 5
+    store.clear()
+    assert not (tmp_path / "cache").exists()
+
+
+# --- label matching and head initialisation ---------------------------------------------------
+
+def test_label_names_are_matched_across_spelling_sides_and_synonyms():
+    assert canonical("Left Kidney") == canonical("kidney_L") == canonical("l-kidney") == "kidney_left"
+    assert canonical("Kidney_R") == "kidney_right" and canonical("lien") == "spleen"
+    assert canonical("portal vein") == "portal_vein_and_splenic_vein"
+    assert canonical("left adrenal") == "adrenal_gland_left"
+    foundation_labels = {"background": 0, "liver": 1, "spleen": 2, "kidney_left": 3, "kidney_right": 4, "aorta": 5}
+    target = {"background": 0, "Lien": 1, "pancreas": 2, "Right Kidney": 3, "left_kidney": 4, "brain": (1, 2)}
+    assert match_labels(target, foundation_labels) == [("Lien", 1, "spleen", 2), ("Right Kidney", 3, "kidney_right", 4),
+                                                       ("left_kidney", 4, "kidney_left", 3)]
+    assert match_labels({"background": 0, "tumour": 1}, foundation_labels) == []
+
+
+def test_head_rows_copy_matched_rows_and_leave_new_ones():
+    rows, message = head_rows({"background": 0, "pancreas": 1, "lien": 2}, {"background": 0, "liver": 1, "spleen": 2})
+    assert rows == [(0, 0), (2, 2)]
+    assert "'lien' (2) <- foundation 'spleen' (2)" in message and "new: 'pancreas'" in message
+    assert head_rows({"background": 0, "x": 1}, {"background": 0, "liver": 1})[0] == []
+    assert head_rows({"background": 0, "liver": (1,)}, {"background": 0, "liver": 1})[0] == []  # regions
+    torch.manual_seed(0)
+    new, old = nn.Conv3d(4, 3, 1), nn.Conv3d(4, 3, 1)
+    untouched = new.weight[1].detach().clone()
+    initialise_head([new], [(old.weight, old.bias)], rows)
+    assert torch.equal(new.weight[0], old.weight[0]) and torch.equal(new.weight[2], old.weight[2])
+    assert torch.equal(new.bias[2], old.bias[2]) and torch.equal(new.weight[1], untouched)
+    with pytest.raises(ValueError, match="takes 4 features but the new head 8"):
+        initialise_head([nn.Conv3d(8, 3, 1)], [(old.weight, old.bias)], rows)
+
+
+# --- the size prior and its hinge -------------------------------------------------------------
+
+def test_size_prior_of_labels_of_known_volume():
+    segs = []
+    for n in (10, 20, 30):  # class 1: n voxels; class 2: 5 voxels
+        s = np.zeros((8, 8, 8), dtype=np.int16)
+        s.flat[:n] = 1
+        s.flat[100:105] = 2
+        segs.append(s)
+    volumes = support_volumes(segs, 3, voxel_volume=2.0)
+    assert volumes.tolist() == [[20, 10], [40, 10], [60, 10]]
+    assert size_prior(volumes).tolist() == [40, 10]  # K < 5: the mean
+    # K >= 5: 1000 lies beyond one standard deviation of the median (40) and is dropped
+    five = np.array([[20.0], [40.0], [40.0], [60.0], [1000.0]])
+    assert size_prior(five).tolist() == [40.0]
+    assert size_prior(np.full((6, 1), 7.0)).tolist() == [7.0]
+
+
+def test_size_hinge_is_zero_inside_the_band_and_pushes_back_outside():
+    prior = torch.tensor([100.0, 50.0])
+    for inside in ([70.0, 35.0], [100.0, 50.0], [130.0, 65.0]):
+        assert size_hinge(torch.tensor(inside), prior, 0.3).item() == 0.0
+    small = torch.tensor([50.0, 50.0], requires_grad=True)
+    loss = size_hinge(small, prior, 0.3)
+    loss.backward()
+    assert loss.item() == pytest.approx((70 - 50) / 100 / 2)
+    assert small.grad[0] < 0 and small.grad[1] == 0  # gradient descent grows the too-small organ
+    large = torch.tensor([200.0, 50.0], requires_grad=True)
+    size_hinge(large, prior, 0.3).backward()
+    assert large.grad[0] > 0  # and shrinks the too-large one
+    absent = torch.tensor([5.0, 50.0], requires_grad=True)
+    assert size_hinge(absent, torch.tensor([0.0, 50.0]), 0.3).item() == 0.0  # S = 0: no prior
+
+
+def test_soft_sizes_count_probability_mass_in_mm3():
+    logits = torch.full((1, 2, 4, 4, 4), -20.0)
+    logits[0, 0] = 20.0
+    logits[0, 1, :2] = 40.0  # half the voxels are class 1
+    assert soft_sizes(logits, 1.5).tolist() == pytest.approx([32 * 1.5], rel=1e-4)

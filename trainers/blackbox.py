@@ -1,0 +1,177 @@
+"""Black-box methods: the foundation is queried for features, never opened, trained or backpropagated.
+
+`nnUNetTrainerFSEFT_BlackBox` holds the mechanics; a method sets its adapter and hyper-parameters:
+- `adapter`: "linear_probe" or "spatial_adapter" (nnunet_fseft.blackbox);
+- `features`: "cached" computes the support volumes' features once (nnU-Net's sliding window,
+  fp16) and trains on patches drawn from them, with nnU-Net's spatial augmentation and mirroring
+  applied to features and labels together (its intensity augmentations have no meaning on
+  features); "online" computes them per batch from nnU-Net's augmented images;
+- `feature_store`: "memory", or "disk" (memory-mapped .npy files in the fold folder, removed
+  when training ends);
+- `transductive`: adds the organ-size prior on unlabelled query volumes (nnunet_fseft.transductive).
+"""
+import os
+
+import numpy as np
+import torch
+
+from nnunet_fseft.blackbox import build_black_box
+from nnunet_fseft.feature_cache import FeatureDataset, FeatureStore, cache_bytes, sliding_window_features
+from nnunet_fseft.foundation import architecture_trainer, read_foundation, recorded_foundation, unwrap
+from nnunet_fseft.transductive import SizePriorLoss, query_images, size_prior, support_volumes
+from nnunet_fseft.trainers.nnUNetTrainerFSEFT import nnUNetTrainerFSEFT
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 2 ** 20:.1f} MB"
+
+
+class nnUNetTrainerFSEFT_BlackBox(nnUNetTrainerFSEFT):
+    adapter = None
+    trainable = ("all",)  # everything the black-box network holds is the adapter
+    features = "cached"
+    feature_store = "memory"
+    transductive = False
+    size_margin = 0.3   # g: the band [(1 - g) S, (1 + g) S]
+    size_weight = 0.1   # weight of the size hinge in the loss
+    seed = 0            # order in which query volumes are visited
+    learning_rate = 1e-2
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.features not in ("cached", "online") or self.feature_store not in ("memory", "disk"):
+            raise ValueError(f"{self.__class__.__name__}: features must be 'cached' or 'online' and feature_store "
+                             f"'memory' or 'disk' (got '{self.features}', '{self.feature_store}').")
+        self.store = self.query_store = None
+        self.query_files = []
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels,
+                                   num_output_channels, enable_deep_supervision: bool = True):
+        # The predictor calls this too: the foundation is read from the file the plans record
+        # (its sha256 checked), the adapter's weights then come from the checkpoint.
+        record = recorded_foundation(plans_manager.plans)
+        if record is None:
+            raise ValueError(f"{cls.__name__} queries the foundation recorded by `nnunet-fseft adopt`, and these "
+                             f"plans record none; adopt the foundation for this dataset and train with its plans.")
+        weights = read_foundation(record)["network_weights"]
+        heads = sorted(k for k in weights if k.startswith("decoder.seg_layers.") and k.endswith(".weight"))
+        if not heads:
+            raise ValueError(f"Foundation {record['checkpoint']} has no decoder.seg_layers: black-box methods need a "
+                             f"conv U-Net foundation; use a PEFT method (e.g. nnUNetTrainerFSEFT_LoRA) instead.")
+        network = architecture_trainer(plans_manager.plans).build_network_architecture(
+            plans_manager, configuration_manager, num_input_channels, weights[heads[0]].shape[0], True)
+        network.load_state_dict(weights)
+        return build_black_box(network, cls.adapter, num_output_channels, record["sha256"])
+
+    def initialize(self):
+        if self.foundation is None or self.pretrained_weights_follow():
+            raise RuntimeError(f"{self.__class__.__name__} queries the foundation recorded by `nnunet-fseft adopt` "
+                               f"and cannot take -pretrained_weights; adopt the foundation for this dataset and "
+                               f"train with its plans.")
+        if self.transductive:
+            if self.label_manager.has_regions:
+                raise ValueError(f"{self.__class__.__name__}: size priors need one label per voxel, and this "
+                                 f"dataset uses regions; use {self.__class__.__name__[:-2]} instead.")
+            from nnunetv2.paths import nnUNet_raw
+            self.query_files = query_images(os.path.join(nnUNet_raw, self.plans_manager.dataset_name),
+                                            self.dataset_json["file_ending"])  # fails before any long work
+        super().initialize()
+
+    def start_from_foundation(self, network):
+        frozen = network.foundation  # loaded when the network was built
+        self.print_to_log_file(f"Black box: {frozen.num_parameters():,} foundation parameters queried, never "
+                               f"trained; features: {self.features}")
+        return [(frozen.head.weight, frozen.head.bias)]
+
+    def new_heads(self, network):
+        return [network.adapter.head]
+
+    # --- cached features ---------------------------------------------------------------------
+
+    def get_tr_and_val_datasets(self):
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        if self.features == "cached":
+            self.store = self._cache(dataset_tr.identifiers, lambda k: dataset_tr.load_case(k)[0], "support",
+                                     os.path.join(self.output_folder, "feature_cache"))
+            dataset_tr = FeatureDataset(dataset_tr, self.store)
+        return dataset_tr, dataset_val
+
+    def _cache(self, keys, load, what: str, folder: str) -> FeatureStore:
+        """Computes the features of every volume, after reporting how large they will be."""
+        frozen = unwrap(self.network).foundation
+        images = {k: load(k) for k in keys}
+        store = FeatureStore(folder if self.feature_store == "disk" else "")
+        size = cache_bytes(frozen.channels, [np.shape(v)[1:] for v in images.values()])
+        self.print_to_log_file(f"Caching the features of {len(keys)} {what} volumes: {frozen.channels} channels, "
+                               f"{_megabytes(size)} fp16 {'in ' + folder if store.folder else 'in memory'}")
+        for k, image in images.items():
+            store.put(k, sliding_window_features(frozen, frozen.channels, torch.from_numpy(np.asarray(image[:])),
+                                                 self.configuration_manager.patch_size, self.device))
+        return store
+
+    @staticmethod
+    def _spatial_only(transforms):
+        """nnU-Net's training pipeline without its intensity augmentations (each wrapped in a
+        RandomTransform) and image masking: what is left moves features and labels together."""
+        from batchgeneratorsv2.transforms.utils.random import RandomTransform
+        transforms.transforms = [t for t in transforms.transforms
+                                 if not isinstance(t, RandomTransform) and type(t).__name__ != "MaskImageTransform"]
+        return transforms
+
+    def get_training_transforms(self, *args, **kwargs):
+        transforms = super().get_training_transforms(*args, **kwargs)
+        return self._spatial_only(transforms) if self.features == "cached" else transforms
+
+    def _use_features(self, on: bool):
+        unwrap(self.network).takes_features = on and self.features == "cached"
+        if isinstance(self.loss, SizePriorLoss):
+            self.loss.active = on
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self._use_features(True)
+
+    def on_validation_epoch_start(self):
+        super().on_validation_epoch_start()
+        self._use_features(False)  # validation, and the final validation, run on images
+
+    def on_train_end(self):
+        self._use_features(False)
+        super().on_train_end()
+        for store in (self.store, self.query_store):
+            if store is not None:
+                store.clear()
+
+    # --- transductive inference --------------------------------------------------------------
+
+    def on_train_start(self):
+        super().on_train_start()
+        if self.transductive:
+            self._start_transductive()
+
+    def _start_transductive(self):
+        voxel_volume = float(np.prod(self.configuration_manager.spacing))
+        tr_keys, _ = self.do_split()
+        dataset = self.dataset_class(self.preprocessed_dataset_folder, tr_keys)
+        segs = [np.asarray(dataset.load_case(k)[1][:])[0] for k in tr_keys]
+        classes = self.label_manager.num_segmentation_heads
+        prior = size_prior(support_volumes(segs, classes, voxel_volume))
+        names = {v: n for n, v in self.dataset_json["labels"].items()}
+        self.print_to_log_file("Size prior (mm^3, from %d support volumes): %s" % (len(segs), ", ".join(
+            f"{names.get(c + 1, c + 1)} {s:,.0f}" for c, s in enumerate(prior))))
+        preprocessor = self.configuration_manager.preprocessor_class(verbose=False)
+        images = [preprocessor.run_case(files, None, self.plans_manager, self.configuration_manager,
+                                        self.dataset_json)[0] for files in self.query_files]
+        keys = [f"query_{i}" for i in range(len(images))]
+        store = self._cache(keys, lambda k: images[keys.index(k)], "query",
+                            os.path.join(self.output_folder, "feature_cache_query"))
+        self.query_store = store
+        self.loss = SizePriorLoss(self.loss, unwrap(self.network).adapter, [store.get(k) for k in keys], prior,
+                                  voxel_volume, self.size_margin, self.size_weight, self.seed)
+
+    def on_train_epoch_end(self, train_outputs):
+        super().on_train_epoch_end(train_outputs)
+        if isinstance(self.loss, SizePriorLoss):
+            self.print_to_log_file(f"size hinge on query volumes (last step): {self.loss.last_hinge:.4f}")
