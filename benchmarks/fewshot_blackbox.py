@@ -82,7 +82,7 @@ def main():
                                            **({"nnUNet_fseft_query": queries} if method.endswith("TI") else {}))
                     d.run(["nnUNetv2_predict", "-i", queries, "-o", pred, "-d", target_id, "-c", "3d_fullres", "-f",
                            fold, "-p", "FSEFTPlans", "-tr", trainer, "-device", args.device, "--disable_tta"])
-                    d.run(["nnUNetv2_evaluate_simple", os.path.join(raw, "labelsTr"), pred, "-l", 1, "-np", 2])
+                    d.run(["nnUNetv2_evaluate_simple", os.path.join(raw, "labelsTr"), pred, "-l", 1, "-np", 2, "--chill"])
                     trainable = re.search(r"training ([\d,]+) of", out).group(1)
                     with open(os.path.join(pred, "seconds.txt"), "w") as f:
                         f.write(f"{seconds:.1f} {trainable}")

@@ -83,7 +83,10 @@ def read_foundation(record: dict) -> dict:
     """The recorded foundation's checkpoint (weights with the head, mirroring axes), after checking
     it is the very file that was adopted: repeats and methods must all start from the same weights."""
     path = record["checkpoint"]
-    if os.path.isfile(path) and sha256(path) != record["sha256"]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"The foundation checkpoint {path} that `nnunet-fseft adopt` recorded is missing; "
+                                f"restore it there (or rebuild the model folder with `nnunet-fseft import --foundation`).")
+    if sha256(path) != record["sha256"]:
         raise ValueError(f"Foundation {path} changed since `nnunet-fseft adopt` recorded it; "
                          f"adopt it again (or restore the original file).")
     return read_checkpoint(path)

@@ -70,7 +70,8 @@ def write_model(folder: str, fold: str, checkpoint: str, plans: dict, dataset_js
     path = os.path.join(folder, f"fold_{fold}", checkpoint)
     keep_existing(path)
     torch.save({
-        "network_weights": {k: v.detach().cpu().clone() for k, v in weights.items()},
+        # a black-box network's state also holds `_extra_state` (which foundation it needs), not a tensor
+        "network_weights": {k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in weights.items()},
         "optimizer_state": None, "grad_scaler_state": None, "logging": None, "_best_ema": None,
         "current_epoch": 0,
         "init_args": {"plans": plans, "configuration": configuration,

@@ -52,10 +52,11 @@ def support_volumes(segmentations: Sequence[np.ndarray], num_classes: int, voxel
                      for s in segmentations])
 
 
-def query_images(raw_dataset_folder: str, file_ending: str) -> List[List[str]]:
+def query_images(dataset_name: str, file_ending: str) -> List[List[str]]:
     """Image files per query case: the folder named by nnUNet_fseft_query, else the dataset's imagesTs."""
     from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
-    folder = os.environ.get(QUERY_ENV) or os.path.join(raw_dataset_folder, "imagesTs")
+    from nnunet_fseft.safety import require_env
+    folder = os.environ.get(QUERY_ENV) or os.path.join(require_env("nnUNet_raw"), dataset_name, "imagesTs")
     source = QUERY_ENV if os.environ.get(QUERY_ENV) else "the dataset's imagesTs"
     cases = create_lists_from_splitted_dataset_folder(folder, file_ending) if os.path.isdir(folder) else []
     if not cases:

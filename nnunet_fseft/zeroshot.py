@@ -33,7 +33,6 @@ def zeroshot(dataset: str, plans_name: str = "FSEFTPlans", fold: int = 0, out: s
              mirroring: bool = True, num_processes: int = 2):
     """Returns ({target label name: mean Dice over the held-out cases}, OUT); writes the predictions
     and nnU-Net's summary.json to OUT (default nnUNet_results/DATASET/fseft_zeroshot__PLANS__CONFIG)."""
-    import SimpleITK as sitk
     import torch
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -48,6 +47,9 @@ def zeroshot(dataset: str, plans_name: str = "FSEFTPlans", fold: int = 0, out: s
     if record is None:
         raise ValueError(f"Plans {plans_name} of {name} record no foundation; run `nnunet-fseft adopt` for {name} "
                          f"(or pass its plans with -p).")
+    if any(not isinstance(v, int) for v in record["labels"].values()):
+        raise ValueError("The foundation predicts regions (overlapping sigmoid outputs), which cannot be renamed to "
+                         "target labels; zeroshot needs a foundation trained on plain labels.")
     matches = match_labels(dataset_json["labels"], record["labels"])
     if not matches:
         raise ValueError(f"No label of {name} ({', '.join(n for n in dataset_json['labels'] if n != 'background')}) "
@@ -86,14 +88,14 @@ def zeroshot(dataset: str, plans_name: str = "FSEFTPlans", fold: int = 0, out: s
     for _, t, _, f in matches:
         lookup[f] = t
     ending = dataset_json["file_ending"]
+    io = pm.image_reader_writer_class()
     for c in held_out:
-        image = sitk.ReadImage(os.path.join(raw_out, c + ending))
-        renamed = sitk.GetImageFromArray(lookup[sitk.GetArrayFromImage(image)])
-        renamed.CopyInformation(image)
-        sitk.WriteImage(renamed, os.path.join(final, c + ending))
+        seg, properties = io.read_seg(os.path.join(raw_out, c + ending))
+        io.write_seg(lookup[seg[0].astype(np.int64)], os.path.join(final, c + ending), properties)
     labels_folder = os.path.dirname(cases[held_out[0]]["label"])
-    summary = compute_metrics_on_folder(labels_folder, final, os.path.join(out, "summary.json"),
-                                        pm.image_reader_writer_class(), ending, [t for _, t, _, _ in matches],
+    summary = compute_metrics_on_folder(labels_folder, final, os.path.join(out, "summary.json"), io, ending,
+                                        [t for _, t, _, _ in matches],
+                                        ignore_label=pm.get_label_manager(dataset_json).ignore_label,
                                         num_processes=num_processes)
     means = {str(k): v for k, v in summary["mean"].items()}
     return {t_name: float(means[str(t)]["Dice"]) for t_name, t, _, _ in matches}, out

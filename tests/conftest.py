@@ -11,8 +11,11 @@ import sys
 import pytest
 
 FOUNDATION_ID, TARGET_ID, BASE_TARGET_ID = "100", "501", "502"
-# The foundation's four organs under other names: zero-shot matching must find every one.
-BASE_TARGET_LABELS = {"background": 0, "Liver": 1, "lien": 2, "left kidney": 3, "Kidney_R": 4}
+# The foundation's four organs (liver 1, spleen 2, kidney_left 3, kidney_right 4) under other names
+# and in another order: zero-shot matching must find every one and map each to its own channel.
+BASE_TARGET_ORGANS = ["spleen", "liver", "kidney_right", "kidney_left"]
+BASE_TARGET_LABELS = {"background": 0, "lien": 1, "Liver": 2, "Kidney_R": 3, "left kidney": 4}
+FOUNDATION_TO_BASE_TARGET = {0: 0, 1: 2, 2: 1, 3: 4, 4: 3}  # foundation label -> target label
 BIN = os.path.dirname(sys.executable)  # the commands installed beside this interpreter
 
 
@@ -113,10 +116,10 @@ def base_target(foundation, workspace):
     with 2 unlabelled imagesTs scans (transductive queries)."""
     import json
     run(["nnunet-fseft", "synth", "-d", BASE_TARGET_ID, "--cases", "4", "--test", "2", "--seed", "5",
-         "--shape", "32", "32", "32", "--name", "SynthBase"])
+         "--shape", "32", "32", "32", "--name", "SynthBase", "--organs", *BASE_TARGET_ORGANS])
     path = workspace / "nnUNet_raw" / "Dataset502_SynthBase" / "dataset.json"
     dataset = json.loads(path.read_text())
-    assert list(dataset["labels"].values()) == list(BASE_TARGET_LABELS.values())
+    assert dataset["labels"] == {"background": 0, **{o: i + 1 for i, o in enumerate(BASE_TARGET_ORGANS)}}
     path.write_text(json.dumps({**dataset, "labels": BASE_TARGET_LABELS}, indent=2))
     run(["nnunet-fseft", "adopt", "--foundation", foundation, "-d", BASE_TARGET_ID])
     run(["nnunet-fseft", "kshot", "-d", BASE_TARGET_ID, "-k", "1", "--repeats", "1", "--test", "2"])

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import BASE_TARGET_LABELS, TRAIN_ENV, images, run, segmentations
+from conftest import BASE_TARGET_LABELS, FOUNDATION_TO_BASE_TARGET, TRAIN_ENV, images, run, segmentations
 from nnunet_fseft.foundation import read_checkpoint, sha256
 
 
@@ -45,6 +45,16 @@ def test_spatial_adapter_trains_on_cached_features_and_predicts(workspace, targe
     assert not (folder / "fold_0" / "feature_cache").exists()
     segs = predict(target, trainer, images(workspace), tmp_path / "pred")
     assert all(set(np.unique(s)) <= {0, 1} for s in segs)
+    # the adapter file holds the adapter alone; with the foundation it rebuilds the same model
+    adapter = tmp_path / "adapter.safetensors"
+    run(["nnunet-fseft", "export", folder, "-o", adapter, "-f", "0"])
+    assert os.path.getsize(adapter) < 0.2 * os.path.getsize(foundation_file)
+    imported = tmp_path / "imported" / f"{trainer}__FSEFTPlans__3d_fullres"
+    run(["nnunet-fseft", "import", adapter, "--foundation", foundation, "-o", imported])
+    run(["nnUNetv2_predict_from_modelfolder", "-i", images(workspace), "-o", tmp_path / "pred_imported", "-m",
+         imported, "-f", "0", "-device", "cpu", "--disable_tta"])
+    for got, want in zip(segmentations(tmp_path / "pred_imported"), segs):
+        assert np.array_equal(got, want)
     merge = run(["nnunet-fseft", "merge", folder, "-o", tmp_path / "merged"], check=False)
     assert merge.returncode == 2 and "black-box adapter on the foundation's features" in merge.stdout
     assert not (tmp_path / "merged").exists()
@@ -53,10 +63,10 @@ def test_spatial_adapter_trains_on_cached_features_and_predicts(workspace, targe
 def test_spatial_adapter_with_transductive_inference(workspace, base_target, tmp_path):
     trainer = "nnUNetTrainerFSEFT_SpatialAdapterTI"
     log = train(base_target, trainer).stdout
-    assert ("head initialisation: labels matched to foundation classes: 'Liver' (1) <- foundation 'liver' (1), "
-            "'lien' (2) <- foundation 'spleen' (2), 'left kidney' (3) <- foundation 'kidney_left' (3), "
-            "'Kidney_R' (4) <- foundation 'kidney_right' (4); new: none") in log
-    assert "Size prior (mm^3, from 1 support volumes): Liver " in log
+    assert ("head initialisation: labels matched to foundation classes: 'lien' (1) <- foundation 'spleen' (2), "
+            "'Liver' (2) <- foundation 'liver' (1), 'Kidney_R' (3) <- foundation 'kidney_right' (4), "
+            "'left kidney' (4) <- foundation 'kidney_left' (3); new: none") in log
+    assert "Size prior (mm^3, from 1 support volumes): lien " in log
     assert "Caching the features of 2 query volumes" in log
     hinges = [float(line.rsplit(":", 1)[1]) for line in log.splitlines() if "size hinge on query volumes" in line]
     assert len(hinges) == 2 and all(np.isfinite(hinges))
@@ -86,7 +96,7 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunet_fseft.foundation import architecture_trainer, read_foundation
 from nnunet_fseft.trainers import METHODS
-pre, trainers = sys.argv[1], sys.argv[2:]
+pre, trainers = sys.argv[1], sys.argv[2:-1]
 plans, dataset_json = load_json(pre + "/FSEFTPlans.json"), load_json(pre + "/dataset.json")
 folder = pre + "/FSEFTPlans_3d_fullres"
 cls = infer_dataset_class(folder)
@@ -105,16 +115,21 @@ for name in trainers:
     with torch.no_grad():
         a, f = adapted(image), reference.eval()(image)
     a = a[0] if isinstance(a, (list, tuple)) else a
+    channels = [int(c) for c in sys.argv[-1].split(",")]  # the foundation channel of each target channel
+    f = f[:, channels]
     print(name, float((a - f).abs().max()), float(f.abs().max()), float((a.argmax(1) == f.argmax(1)).float().mean()))
 """
 
 
 def test_head_initialisation_reproduces_the_foundation_at_step_0(workspace, base_target):
-    """Every target label is a foundation class under another name: at step 0 the adapted model
-    (its adapters at zero, its head from the foundation's rows) gives the foundation's logits."""
+    """Every target label is a foundation class under another name and value: at step 0 the adapted
+    model (adapters at zero, head rows from the foundation's) gives the foundation's logits, each
+    in the channel of its target label."""
     pre = workspace / "nnUNet_preprocessed" / "Dataset502_SynthBase"
+    to_foundation = {t: f for f, t in FOUNDATION_TO_BASE_TARGET.items()}
+    channels = ",".join(str(to_foundation[t]) for t in range(len(to_foundation)))
     p = subprocess.run([sys.executable, "-c", STEP0, str(pre), "nnUNetTrainerFSEFT_LoRA",
-                        "nnUNetTrainerFSEFT_SpatialAdapter", "nnUNetTrainerFSEFT_FullFT"],
+                        "nnUNetTrainerFSEFT_SpatialAdapter", "nnUNetTrainerFSEFT_FullFT", channels],
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
     assert p.returncode == 0, p.stdout[-3000:]
     rows = [line.split() for line in p.stdout.splitlines() if line.startswith("nnUNetTrainerFSEFT_")]
@@ -128,14 +143,15 @@ def test_zeroshot_scores_the_foundation_on_the_held_out_cases(workspace, base_ta
     out = workspace / "nnUNet_results" / "Dataset502_SynthBase" / "fseft_zeroshot__FSEFTPlans__3d_fullres"
     summary = json.loads((out / "summary.json").read_text())
     assert sorted(summary["mean"]) == ["1", "2", "3", "4"] and len(summary["metric_per_case"]) == 2
-    for name in ("Liver", "lien", "left kidney", "Kidney_R"):
+    for name in ("lien", "Liver", "Kidney_R", "left kidney"):
         line = next(line for line in p.stdout.splitlines() if line.strip().startswith(name))
         assert 0.0 <= float(line.split()[-1]) <= 1.0
-    assert float(summary["mean"]["2"]["Dice"]) == pytest.approx(
+    assert float(summary["mean"]["1"]["Dice"]) == pytest.approx(
         float(next(line for line in p.stdout.splitlines() if line.strip().startswith("lien")).split()[-1]), abs=1e-4)
-    # predictions carry the target's label values, renamed from the foundation's
-    renamed = segmentations(out / "predictions")
-    assert all(set(np.unique(s)) <= {0, 1, 2, 3, 4} for s in renamed)
+    # predictions carry the target's label values, each renamed from its own foundation class
+    lookup = np.array([FOUNDATION_TO_BASE_TARGET[f] for f in range(5)])
+    for raw, renamed in zip(segmentations(out / "foundation_labels"), segmentations(out / "predictions")):
+        assert np.array_equal(renamed, lookup[raw])
     run(["nnunet-fseft", "zeroshot", "-d", base_target, "--disable_tta"])  # again: the first results are kept
     assert len([d for d in os.listdir(out.parent) if d.startswith(out.name + ".bak-")]) == 1
 

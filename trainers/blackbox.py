@@ -41,8 +41,9 @@ class nnUNetTrainerFSEFT_BlackBox(nnUNetTrainerFSEFT):
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
         if self.features not in ("cached", "online") or self.feature_store not in ("memory", "disk"):
-            raise ValueError(f"{self.__class__.__name__}: features must be 'cached' or 'online' and feature_store "
-                             f"'memory' or 'disk' (got '{self.features}', '{self.feature_store}').")
+            raise ValueError(f"{self.__class__.__name__} has features = '{self.features}' and feature_store = "
+                             f"'{self.feature_store}'; set features to 'cached' or 'online' and feature_store to "
+                             f"'memory' or 'disk'.")
         self.store = self.query_store = None
         self.query_files = []
 
@@ -66,17 +67,19 @@ class nnUNetTrainerFSEFT_BlackBox(nnUNetTrainerFSEFT):
         return build_black_box(network, cls.adapter, num_output_channels, record["sha256"])
 
     def initialize(self):
-        if self.foundation is None or self.pretrained_weights_follow():
+        if self.pretrained_weights_follow():
             raise RuntimeError(f"{self.__class__.__name__} queries the foundation recorded by `nnunet-fseft adopt` "
-                               f"and cannot take -pretrained_weights; adopt the foundation for this dataset and "
-                               f"train with its plans.")
-        if self.transductive:
-            if self.label_manager.has_regions:
-                raise ValueError(f"{self.__class__.__name__}: size priors need one label per voxel, and this "
-                                 f"dataset uses regions; use {self.__class__.__name__[:-2]} instead.")
-            from nnunetv2.paths import nnUNet_raw
-            self.query_files = query_images(os.path.join(nnUNet_raw, self.plans_manager.dataset_name),
-                                            self.dataset_json["file_ending"])  # fails before any long work
+                               f"and cannot take -pretrained_weights; drop -pretrained_weights and train with the "
+                               f"plans adopt wrote.")
+        if self.foundation is None:
+            raise RuntimeError(f"{self.__class__.__name__} queries the foundation recorded by `nnunet-fseft adopt`, "
+                               f"and plans {self.plans_manager.plans_name} record none; adopt the foundation for this "
+                               f"dataset and train with its plans (-p FSEFTPlans).")
+        if self.transductive and (self.label_manager.has_regions or self.label_manager.has_ignore_label):
+            # regions: no one label per voxel; ignore label: sparse support labels would make the prior too small
+            raise ValueError(f"{self.__class__.__name__}: size priors need dense labels with one class per voxel, "
+                             f"and this dataset uses {'regions' if self.label_manager.has_regions else 'an ignore label'}; "
+                             f"use {self.__class__.__name__[:-2]} instead.")
         super().initialize()
 
     def start_from_foundation(self, network):
@@ -94,9 +97,13 @@ class nnUNetTrainerFSEFT_BlackBox(nnUNetTrainerFSEFT):
         dataset_tr, dataset_val = super().get_tr_and_val_datasets()
         if self.features == "cached":
             self.store = self._cache(dataset_tr.identifiers, lambda k: dataset_tr.load_case(k)[0], "support",
-                                     os.path.join(self.output_folder, "feature_cache"))
+                                     self._cache_folder("feature_cache"))
             dataset_tr = FeatureDataset(dataset_tr, self.store)
         return dataset_tr, dataset_val
+
+    def _cache_folder(self, name: str) -> str:
+        # one per GPU process under DDP: every rank writes, reads and removes its own
+        return os.path.join(self.output_folder, f"{name}_rank{self.local_rank}" if self.is_ddp else name)
 
     def _cache(self, keys, load, what: str, folder: str) -> FeatureStore:
         """Computes the features of every volume, after reporting how large they will be."""
@@ -147,6 +154,8 @@ class nnUNetTrainerFSEFT_BlackBox(nnUNetTrainerFSEFT):
     # --- transductive inference --------------------------------------------------------------
 
     def on_train_start(self):
+        if self.transductive:  # checked before the features are cached and training starts
+            self.query_files = query_images(self.plans_manager.dataset_name, self.dataset_json["file_ending"])
         super().on_train_start()
         if self.transductive:
             self._start_transductive()
@@ -165,8 +174,7 @@ class nnUNetTrainerFSEFT_BlackBox(nnUNetTrainerFSEFT):
         images = [preprocessor.run_case(files, None, self.plans_manager, self.configuration_manager,
                                         self.dataset_json)[0] for files in self.query_files]
         keys = [f"query_{i}" for i in range(len(images))]
-        store = self._cache(keys, lambda k: images[keys.index(k)], "query",
-                            os.path.join(self.output_folder, "feature_cache_query"))
+        store = self._cache(keys, lambda k: images[keys.index(k)], "query", self._cache_folder("feature_cache_query"))
         self.query_store = store
         self.loss = SizePriorLoss(self.loss, unwrap(self.network).adapter, [store.get(k) for k in keys], prior,
                                   voxel_volume, self.size_margin, self.size_weight, self.seed)
