@@ -76,16 +76,28 @@ def main():
             for fold in range(args.repeats):
                 trainer = f"nnUNetTrainerFSEFT_{method}"
                 pred = os.path.join(args.workdir, "predictions", f"K{k}", method, f"fold{fold}")
-                if not os.path.isfile(os.path.join(pred, "summary.json")):
+                failed = os.path.join(pred, "failed.txt")
+                if not os.path.isfile(os.path.join(pred, "summary.json")) and not os.path.isfile(failed):
                     d.say(f"K={k} {method} repeat {fold}")
-                    out, seconds = d.train(target_id, fold, "FSEFTPlans", trainer, finetune,
-                                           **({"nnUNet_fseft_query": queries} if method.endswith("TI") else {}))
-                    d.run(["nnUNetv2_predict", "-i", queries, "-o", pred, "-d", target_id, "-c", "3d_fullres", "-f",
-                           fold, "-p", "FSEFTPlans", "-tr", trainer, "-device", args.device, "--disable_tta"])
-                    d.run(["nnUNetv2_evaluate_simple", os.path.join(raw, "labelsTr"), pred, "-l", 1, "-np", 2, "--chill"])
-                    trainable = re.search(r"training ([\d,]+) of", out).group(1)
-                    with open(os.path.join(pred, "seconds.txt"), "w") as f:
-                        f.write(f"{seconds:.1f} {trainable}")
+                    try:
+                        out, seconds = d.train(target_id, fold, "FSEFTPlans", trainer, finetune,
+                                               **({"nnUNet_fseft_query": queries} if method.endswith("TI") else {}))
+                        d.run(["nnUNetv2_predict", "-i", queries, "-o", pred, "-d", target_id, "-c", "3d_fullres",
+                               "-f", fold, "-p", "FSEFTPlans", "-tr", trainer, "-device", args.device, "--disable_tta"])
+                        d.run(["nnUNetv2_evaluate_simple", os.path.join(raw, "labelsTr"), pred, "-l", 1, "-np", 2,
+                               "--chill"])
+                    except RuntimeError as e:  # one failed run is a result too; the others go on
+                        os.makedirs(pred, exist_ok=True)
+                        with open(failed, "w") as f:
+                            f.write(str(e))
+                        d.say(f"   failed: {e}")
+                    else:
+                        trainable = re.search(r"training ([\d,]+) of", out).group(1)
+                        with open(os.path.join(pred, "seconds.txt"), "w") as f:
+                            f.write(f"{seconds:.1f} {trainable}")
+                if os.path.isfile(failed):
+                    rows.append({"K": k, "method": method, "repeat": fold, "dice": float("nan"), "failed": True})
+                    continue
                 with open(os.path.join(pred, "summary.json")) as f:
                     dice = json.load(f)["foreground_mean"]["Dice"]
                 seconds, trainable = open(os.path.join(pred, "seconds.txt")).read().split()
@@ -100,11 +112,12 @@ def main():
     for method in args.methods:
         cells = []
         for k in args.k:
-            v = [r["dice"] for r in rows if r["method"] == method and r["K"] == k]
-            cells.append(f"{np.mean(v):.3f} ± {np.std(v):.3f}")
-        these = [r for r in rows if r["method"] == method]
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {these[0]['trainable']:,} | "
-                     f"{np.mean([r['train_seconds'] for r in these]):.0f} |")
+            v = [r["dice"] for r in rows if r["method"] == method and r["K"] == k and not r.get("failed")]
+            failed = sum(1 for r in rows if r["method"] == method and r["K"] == k and r.get("failed"))
+            cells.append((f"{np.mean(v):.3f} ± {np.std(v):.3f}" if v else "—") + (f" ({failed} failed)" if failed else ""))
+        done = [r for r in rows if r["method"] == method and not r.get("failed")]
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {done[0]['trainable'] if done else 0:,} | "
+                     f"{np.mean([r['train_seconds'] for r in done]) if done else float('nan'):.0f} |")
     report = "\n".join(lines)
     print("\n" + report)
     with open(os.path.join(args.workdir, "report.md"), "w") as f:

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-FOUNDATION_ID, TARGET_ID, BASE_TARGET_ID = "100", "501", "502"
+FOUNDATION_ID, TARGET_ID, BASE_TARGET_ID = "100", "501", "503"
 # The foundation's four organs (liver 1, spleen 2, kidney_left 3, kidney_right 4) under other names
 # and in another order: zero-shot matching must find every one and map each to its own channel.
 BASE_TARGET_ORGANS = ["spleen", "liver", "kidney_right", "kidney_left"]
@@ -117,7 +117,7 @@ def base_target(foundation, workspace):
     import json
     run(["nnunet-fseft", "synth", "-d", BASE_TARGET_ID, "--cases", "4", "--test", "2", "--seed", "5",
          "--shape", "32", "32", "32", "--name", "SynthBase", "--organs", *BASE_TARGET_ORGANS])
-    path = workspace / "nnUNet_raw" / "Dataset502_SynthBase" / "dataset.json"
+    path = workspace / "nnUNet_raw" / "Dataset503_SynthBase" / "dataset.json"
     dataset = json.loads(path.read_text())
     assert dataset["labels"] == {"background": 0, **{o: i + 1 for i, o in enumerate(BASE_TARGET_ORGANS)}}
     path.write_text(json.dumps({**dataset, "labels": BASE_TARGET_LABELS}, indent=2))

@@ -70,7 +70,7 @@ def test_spatial_adapter_with_transductive_inference(workspace, base_target, tmp
     assert "Caching the features of 2 query volumes" in log
     hinges = [float(line.rsplit(":", 1)[1]) for line in log.splitlines() if "size hinge on query volumes" in line]
     assert len(hinges) == 2 and all(np.isfinite(hinges))
-    raw = workspace / "nnUNet_raw" / "Dataset502_SynthBase"
+    raw = workspace / "nnUNet_raw" / "Dataset503_SynthBase"
     segs = predict(base_target, trainer, raw / "imagesTs", tmp_path / "pred")
     assert all(set(np.unique(s)) <= set(BASE_TARGET_LABELS.values()) for s in segs)
 
@@ -125,7 +125,7 @@ def test_head_initialisation_reproduces_the_foundation_at_step_0(workspace, base
     """Every target label is a foundation class under another name and value: at step 0 the adapted
     model (adapters at zero, head rows from the foundation's) gives the foundation's logits, each
     in the channel of its target label."""
-    pre = workspace / "nnUNet_preprocessed" / "Dataset502_SynthBase"
+    pre = workspace / "nnUNet_preprocessed" / "Dataset503_SynthBase"
     to_foundation = {t: f for f, t in FOUNDATION_TO_BASE_TARGET.items()}
     channels = ",".join(str(to_foundation[t]) for t in range(len(to_foundation)))
     p = subprocess.run([sys.executable, "-c", STEP0, str(pre), "nnUNetTrainerFSEFT_LoRA",
@@ -140,7 +140,7 @@ def test_head_initialisation_reproduces_the_foundation_at_step_0(workspace, base
 
 def test_zeroshot_scores_the_foundation_on_the_held_out_cases(workspace, base_target):
     p = run(["nnunet-fseft", "zeroshot", "-d", base_target, "--disable_tta"])
-    out = workspace / "nnUNet_results" / "Dataset502_SynthBase" / "fseft_zeroshot__FSEFTPlans__3d_fullres"
+    out = workspace / "nnUNet_results" / "Dataset503_SynthBase" / "fseft_zeroshot__FSEFTPlans__3d_fullres"
     summary = json.loads((out / "summary.json").read_text())
     assert sorted(summary["mean"]) == ["1", "2", "3", "4"] and len(summary["metric_per_case"]) == 2
     for name in ("lien", "Liver", "Kidney_R", "left kidney"):
