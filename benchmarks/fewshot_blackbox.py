@@ -72,8 +72,8 @@ def main():
         if not zero:
             zero, _ = zeroshot(str(target_id), device=args.device, mirroring=False)
             d.say(f"zero-shot Dice: {zero}")
-        for method in args.methods:
-            for fold in range(args.repeats):
+        for fold in range(args.repeats):  # repeat-major: an interrupted run leaves every method compared
+            for method in args.methods:
                 trainer = f"nnUNetTrainerFSEFT_{method}"
                 pred = os.path.join(args.workdir, "predictions", f"K{k}", method, f"fold{fold}")
                 failed = os.path.join(pred, "failed.txt")
