@@ -7,6 +7,7 @@ patches from them. `FeatureDataset` presents the cache to nnU-Net's own data loa
 dataset whose "image" is the features, so patch sampling (foreground oversampling included)
 and the spatial augmentation run unchanged on features and labels together.
 """
+import contextlib
 import os
 from typing import Callable, Dict, List, Sequence
 
@@ -45,20 +46,12 @@ def _window(features: Callable, channels: int, image: torch.Tensor, patch: tuple
     for start in np.array(np.meshgrid(*steps, indexing="ij")).reshape(len(patch), -1).T:
         region = tuple(slice(int(s), int(s) + p) for s, p in zip(start, patch))
         tile = data[(slice(None), *region)][None].to(device, torch.float32)
-        with torch.autocast(device.type, enabled=True) if device.type == "cuda" else _nothing():
+        with torch.autocast(device.type) if device.type == "cuda" else contextlib.nullcontext():
             f = features(tile)[0]
         out[(slice(None), *region)] += f.float().cpu() * gaussian
         weight[region] += gaussian
     out /= weight
     return out[(slice(None), *unpad[1:])].half()
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def cache_bytes(channels: int, shapes: List[Sequence[int]]) -> int:

@@ -92,6 +92,17 @@ def read_foundation(record: dict) -> dict:
     return read_checkpoint(path)
 
 
+def build_foundation(plans_manager, configuration_manager, num_input_channels: int, record: dict):
+    """(the foundation's own network, its classes' head included, weights loaded; its checkpoint),
+    built as the plans describe it: what black-box methods query and zeroshot predicts with."""
+    checkpoint = read_foundation(record)
+    classes = plans_manager.get_label_manager({"labels": record["labels"]}).num_segmentation_heads
+    network = architecture_trainer(plans_manager.plans).build_network_architecture(
+        plans_manager, configuration_manager, num_input_channels, classes, False)
+    network.load_state_dict(checkpoint["network_weights"])
+    return network, checkpoint
+
+
 def load_foundation(network: nn.Module, record: dict) -> Dict[str, torch.Tensor]:
     """Loads the recorded foundation into a (possibly adapted) unwrapped network, head excluded;
     returns all its weights (the head's are the zero-shot start of a new head)."""

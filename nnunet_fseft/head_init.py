@@ -18,9 +18,8 @@ def head_rows(target_labels: dict, foundation_labels: dict) -> Tuple[List[Tuple[
         if any(not isinstance(v, int) for v in labels.values()):
             return [], f"head initialisation skipped: the {whose} uses regions, whose channels are not labels"
     matches = match_labels(target_labels, foundation_labels)
-    if not matches:
-        return [], "head initialisation: " + describe_matches(target_labels, matches)
-    return [(0, 0)] + [(t, f) for _, t, _, f in matches], "head initialisation: " + describe_matches(target_labels, matches)
+    rows = [(0, 0)] + [(t, f) for _, t, _, f in matches] if matches else []
+    return rows, "head initialisation: " + describe_matches(target_labels, matches)
 
 
 @torch.no_grad()

@@ -20,12 +20,9 @@ SYNONYMS = {
     "aorta": ["abdominal_aorta"],
     "inferior_vena_cava": ["ivc", "vena_cava_inferior", "postcava"],
     "portal_vein_and_splenic_vein": ["portal_vein", "portal_and_splenic_vein", "portal_splenic_vein"],
-    "pancreas": [],
-    "duodenum": [],
     "adrenal_gland": ["adrenal", "suprarenal_gland"],
     "urinary_bladder": ["bladder"],
     "lung": ["lungs"],
-    "heart": [],
     "background": ["bg", "bkg"],
 }
 _CANONICAL = {alias: name for name, aliases in SYNONYMS.items() for alias in aliases}

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from nnunet_fseft.foundation import architecture_trainer, read_foundation, recorded_foundation
+from nnunet_fseft.foundation import build_foundation, recorded_foundation
 from nnunet_fseft.labels import match_labels
 from nnunet_fseft.safety import dataset_name, keep_existing, require_env
 
@@ -69,18 +69,15 @@ def zeroshot(dataset: str, plans_name: str = "FSEFTPlans", fold: int = 0, out: s
 
     pm = PlansManager(plans)
     cm = pm.get_configuration(configuration)
-    checkpoint = read_foundation(record)
+    network, checkpoint = build_foundation(pm, cm, determine_num_input_channels(pm, cm, dataset_json), record)
     foundation_json = {**dataset_json, "labels": record["labels"]}
-    network = architecture_trainer(plans).build_network_architecture(
-        pm, cm, determine_num_input_channels(pm, cm, dataset_json),
-        pm.get_label_manager(foundation_json).num_segmentation_heads, False)
-    network.load_state_dict(checkpoint["network_weights"])
     predictor = nnUNetPredictor(use_mirroring=mirroring, perform_everything_on_device=device != "cpu",
                                 device=torch.device(device), allow_tqdm=False)
     predictor.manual_initialization(network, pm, cm, [checkpoint["network_weights"]], foundation_json, record["trainer"],
                                     checkpoint.get("inference_allowed_mirroring_axes"))
     raw_out, final = os.path.join(out, "foundation_labels"), os.path.join(out, "predictions")
-    os.makedirs(raw_out), os.makedirs(final)
+    os.makedirs(raw_out)
+    os.makedirs(final)
     predictor.predict_from_files_sequential([cases[c]["images"] for c in held_out],
                                             [os.path.join(raw_out, c) for c in held_out], False, True, None)
 

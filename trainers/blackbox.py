@@ -17,7 +17,7 @@ import torch
 
 from nnunet_fseft.blackbox import build_black_box
 from nnunet_fseft.feature_cache import FeatureDataset, FeatureStore, cache_bytes, sliding_window_features
-from nnunet_fseft.foundation import architecture_trainer, read_foundation, recorded_foundation, unwrap
+from nnunet_fseft.foundation import build_foundation, recorded_foundation, unwrap
 from nnunet_fseft.transductive import SizePriorLoss, query_images, size_prior, support_volumes
 from nnunet_fseft.trainers.nnUNetTrainerFSEFT import nnUNetTrainerFSEFT
 
@@ -56,14 +56,7 @@ class nnUNetTrainerFSEFT_BlackBox(nnUNetTrainerFSEFT):
         if record is None:
             raise ValueError(f"{cls.__name__} queries the foundation recorded by `nnunet-fseft adopt`, and these "
                              f"plans record none; adopt the foundation for this dataset and train with its plans.")
-        weights = read_foundation(record)["network_weights"]
-        heads = sorted(k for k in weights if k.startswith("decoder.seg_layers.") and k.endswith(".weight"))
-        if not heads:
-            raise ValueError(f"Foundation {record['checkpoint']} has no decoder.seg_layers: black-box methods need a "
-                             f"conv U-Net foundation; use a PEFT method (e.g. nnUNetTrainerFSEFT_LoRA) instead.")
-        network = architecture_trainer(plans_manager.plans).build_network_architecture(
-            plans_manager, configuration_manager, num_input_channels, weights[heads[0]].shape[0], True)
-        network.load_state_dict(weights)
+        network, _ = build_foundation(plans_manager, configuration_manager, num_input_channels, record)
         return build_black_box(network, cls.adapter, num_output_channels, record["sha256"])
 
     def initialize(self):
@@ -171,12 +164,11 @@ class nnUNetTrainerFSEFT_BlackBox(nnUNetTrainerFSEFT):
         self.print_to_log_file("Size prior (mm^3, from %d support volumes): %s" % (len(segs), ", ".join(
             f"{names.get(c + 1, c + 1)} {s:,.0f}" for c, s in enumerate(prior))))
         preprocessor = self.configuration_manager.preprocessor_class(verbose=False)
-        images = [preprocessor.run_case(files, None, self.plans_manager, self.configuration_manager,
-                                        self.dataset_json)[0] for files in self.query_files]
-        keys = [f"query_{i}" for i in range(len(images))]
-        store = self._cache(keys, lambda k: images[keys.index(k)], "query", self._cache_folder("feature_cache_query"))
+        images = {f"query_{i}": preprocessor.run_case(files, None, self.plans_manager, self.configuration_manager,
+                                                      self.dataset_json)[0] for i, files in enumerate(self.query_files)}
+        store = self._cache(list(images), images.get, "query", self._cache_folder("feature_cache_query"))
         self.query_store = store
-        self.loss = SizePriorLoss(self.loss, unwrap(self.network).adapter, [store.get(k) for k in keys], prior,
+        self.loss = SizePriorLoss(self.loss, unwrap(self.network).adapter, [store.get(k) for k in images], prior,
                                   voxel_volume, self.size_margin, self.size_weight, self.seed)
 
     def on_train_epoch_end(self, train_outputs):
