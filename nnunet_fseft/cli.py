@@ -41,6 +41,14 @@ def cmd_synth(args):
     print(f"Wrote {path}")
 
 
+def cmd_combine(args):
+    from nnunet_fseft.combine import ANNOTATIONS, combine
+    path = combine(args.d, args.o, args.name, args.label_map, args.copy)
+    print(f"Wrote {path} (which classes each case annotates: {ANNOTATIONS}); pre-train a foundation on it with:\n"
+          f"  nnUNetv2_plan_and_preprocess -d {args.o} --verify_dataset_integrity\n"
+          f"  nnUNetv2_train {args.o} 3d_fullres all -tr nnUNetTrainerFSEFT_Foundation")
+
+
 def cmd_demo(args):
     from nnunet_fseft.demo import run_demo
     run_demo(args.workdir, args.device)
@@ -135,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test", type=int, default=0, help="extra cases in imagesTs/labelsTs")
     s.add_argument("--shape", type=int, nargs=3, default=[48, 48, 48])
     s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("combine", help="pool partially labelled raw datasets into one, for foundation pre-training")
+    s.add_argument("-d", nargs="+", required=True, help="source dataset ids or names (in nnUNet_raw; only read)")
+    s.add_argument("-o", type=int, required=True, help="id of the pooled dataset to write")
+    s.add_argument("--name", default=None, help="its name (default Combined)")
+    s.add_argument("--label-map", default=None, help='JSON {"source name": "unified name"}: synonyms, or '
+                   'joining left and right ({"kidney_left": "kidney", "kidney_right": "kidney"})')
+    s.add_argument("--copy", action="store_true", help="copy the images (default: symbolic links)")
+    s.set_defaults(func=cmd_combine)
 
     s = sub.add_parser("params", help="trainable and total parameters and adapter-file size of each method")
     s.add_argument("-d", required=True, help="dataset id or name (preprocessed)")

@@ -14,6 +14,7 @@ from nnunet_fseft.trainers.peft import (nnUNetTrainerFSEFT_AdaptFormer, nnUNetTr
                                         nnUNetTrainerFSEFT_MedAdapter, nnUNetTrainerFSEFT_MedAdapter_DecoderFT,
                                         nnUNetTrainerFSEFT_SpatialAdapter, nnUNetTrainerFSEFT_SpatialAdapterOnline,
                                         nnUNetTrainerFSEFT_SpatialAdapterTI)
+from nnunet_fseft.trainers.foundation import nnUNetTrainerFSEFT_Foundation, nnUNetTrainerFSEFT_FoundationShort
 from nnunet_fseft.trainers.pretrain import nnUNetTrainerFSEFT_Pretrain
 
 # Every fine-tuning method, by trainer name (`nnunet-fseft params` lists them in this order).
@@ -26,4 +27,5 @@ METHODS = {t.__name__: t for t in (
     nnUNetTrainerFSEFT_LinearProbe, nnUNetTrainerFSEFT_SpatialAdapter, nnUNetTrainerFSEFT_SpatialAdapterOnline,
     nnUNetTrainerFSEFT_LinearProbeTI, nnUNetTrainerFSEFT_SpatialAdapterTI)}
 
-__all__ = ["nnUNetTrainerFSEFT", "nnUNetTrainerFSEFT_Pretrain", *METHODS]
+__all__ = ["nnUNetTrainerFSEFT", "nnUNetTrainerFSEFT_Pretrain", "nnUNetTrainerFSEFT_Foundation",
+           "nnUNetTrainerFSEFT_FoundationShort", *METHODS]

@@ -1,0 +1,182 @@
+"""`nnunet-fseft combine`: pool several partially labelled raw nnU-Net datasets into one.
+
+The pooled dataset has one label set, built from label names (`labels.canonical`, and a
+label-map file for anything else), and beside its dataset.json an `annotations.json` that says
+which classes each case's source annotates: the partial-label trainer
+(`nnUNetTrainerFSEFT_Foundation`) reads it, plain nnU-Net ignores it.
+
+Every check runs before anything is written, the pooled dataset is written to a temporary
+folder renamed only when complete, and the sources are only read.
+"""
+import json
+import os
+import shutil
+from typing import Dict, List, Optional
+
+from nnunet_fseft.labels import canonical
+from nnunet_fseft.safety import dataset_name, require_env
+
+ANNOTATIONS = "annotations.json"
+
+
+def read_label_map(path: Optional[str]) -> Dict[str, str]:
+    """{canonical source name: unified name} from a JSON object {"source name": "unified name"}."""
+    if not path:
+        return {}
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Label map {path} does not exist; pass a JSON file such as "
+                                f'{{"kidney_left": "kidney", "kidney_right": "kidney"}}.')
+    with open(path) as f:
+        try:
+            mapping = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"Label map {path} is not valid JSON ({e}); it must be an object "
+                             f'{{"source name": "unified name"}}.') from None
+    if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+        raise ValueError(f'Label map {path} must be a JSON object {{"source name": "unified name"}} of strings.')
+    return {canonical(k): canonical(v) for k, v in mapping.items()}
+
+
+def _channels(dataset_json: dict) -> List[str]:
+    c = dataset_json.get("channel_names", dataset_json.get("modality", {}))
+    return [str(c[k]).strip().lower() for k in sorted(c, key=int)]
+
+
+def _source_labels(name: str, dataset_json: dict) -> Dict[str, int]:
+    """The source's foreground labels, name -> value; regions and ignore labels are refused."""
+    labels = dataset_json["labels"]
+    if any(not isinstance(v, int) for v in labels.values()):
+        raise ValueError(f"{name} defines regions (labels with several values); combine pools plain labels "
+                         f"only, so convert its dataset.json to one value per label first.")
+    if "ignore" in labels:
+        raise ValueError(f"{name} has an 'ignore' label; combine cannot pool sparse annotations, so fill "
+                         f"or remove its ignore label first.")
+    return {n: v for n, v in labels.items() if v != 0}
+
+
+def unify_labels(sources: Dict[str, Dict[str, int]], label_map: Dict[str, str]):
+    """(unified labels {name: value}, {source: {source value: unified value}}).
+
+    A source name becomes the label map's name, else its canonical form (so 'lien' and 'Spleen'
+    are one class). Refused: a label-map entry no source has; two labels of one source that become
+    one class without the label map saying so; a joined organ ('kidney') beside its sides."""
+    all_names = {canonical(n) for labels in sources.values() for n in labels}
+    unused = sorted(set(label_map) - all_names)
+    if unused:
+        raise ValueError(f"The label map names {unused}, which no source dataset labels; fix the names "
+                         f"(labels in the sources: {sorted(all_names)}).")
+    unified, lut = {"background": 0}, {}
+    for source, labels in sources.items():
+        lut[source], seen = {}, {}
+        for name, value in sorted(labels.items(), key=lambda kv: kv[1]):
+            key = canonical(name)
+            target = label_map.get(key, key)
+            if target in seen and key not in label_map:
+                raise ValueError(f"{source} labels both '{seen[target]}' and '{name}', which both mean "
+                                 f"'{target}'; merge them in the source or map them in a --label-map file.")
+            seen[target] = name
+            if target == "background":
+                lut[source][value] = 0
+                continue
+            lut[source][value] = unified.setdefault(target, len(unified))
+    for name in unified:
+        sides = [f"{name}_left", f"{name}_right"]
+        if any(s in unified for s in sides):
+            joined = [s for s, labels in sources.items() if any(lut[s][v] == unified[name] for v in labels.values())]
+            split = [s for s, labels in sources.items()
+                     if any(lut[s][v] in [unified.get(x) for x in sides] for v in labels.values())]
+            raise ValueError(f"'{name}' means both sides in {', '.join(joined)} but {', '.join(split)} label "
+                             f"{' and '.join(sides)} apart; join them with a --label-map file "
+                             f'{{"{sides[0]}": "{name}", "{sides[1]}": "{name}"}}.')
+    return unified, lut
+
+
+def combine(datasets: List[str], target_id: int, name: Optional[str] = None, label_map: Optional[str] = None,
+            copy: bool = False) -> str:
+    """Writes $nnUNet_raw/DatasetXXX_NAME (imagesTr, labelsTr, dataset.json, annotations.json); returns its path."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+    raw = require_env("nnUNet_raw")
+    names = [dataset_name(d) for d in datasets]
+    if len(set(names)) != len(names):
+        raise ValueError(f"A dataset is listed twice ({' '.join(map(str, datasets))}); list each source once.")
+    if not 1 <= int(target_id) <= 999:
+        raise ValueError(f"Dataset id {target_id} is out of range; pick an unused id between 1 and 999.")
+    clash = [d for d in os.listdir(raw) if d.startswith(f"Dataset{int(target_id):03d}_")]
+    if clash:
+        raise FileExistsError(f"Dataset id {target_id} is already used by {os.path.join(raw, clash[0])}; "
+                              f"pick another id for the pooled dataset.")
+    name = name or "Combined"
+    if not name.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"Dataset name {name!r} may only contain letters, digits, '_' and '-'.")
+
+    jsons = {n: load_json(os.path.join(raw, n, "dataset.json")) for n in names}
+    first = names[0]
+    for n in names[1:]:
+        if _channels(jsons[n]) != _channels(jsons[first]):
+            raise ValueError(f"{n} has input channels {_channels(jsons[n])} but {first} has "
+                             f"{_channels(jsons[first])}; only datasets of the same channels and modalities pool.")
+        if jsons[n]["file_ending"] != jsons[first]["file_ending"]:
+            raise ValueError(f"{n} stores {jsons[n]['file_ending']} files but {first} stores "
+                             f"{jsons[first]['file_ending']}; convert one of them so both use one file ending.")
+    sources = {n: _source_labels(n, jsons[n]) for n in names}
+    unified, lut = unify_labels(sources, read_label_map(label_map))
+    cases = {n: get_filenames_of_train_images_and_targets(os.path.join(raw, n), jsons[n]) for n in names}
+    for n in names:
+        if not cases[n]:
+            raise ValueError(f"{n} has no training cases in imagesTr; check its dataset.json and file ending.")
+
+    final = os.path.join(raw, f"Dataset{int(target_id):03d}_{name}")
+    tmp = os.path.join(raw, f".tmp_Dataset{int(target_id):03d}_{name}_{os.getpid()}")
+    try:
+        _write(tmp, names, jsons, cases, unified, lut, name, copy)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _write(folder, names, jsons, cases, unified, lut, name, copy):
+    import numpy as np
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+    ending = jsons[names[0]]["file_ending"]
+    for sub in ("imagesTr", "labelsTr"):
+        os.makedirs(os.path.join(folder, sub))
+    annotations = {"sources": {}, "cases": {}}
+    for n in names:
+        prefix = n.split("_")[0]  # DatasetXXX: case names stay unique across sources
+        annotated = sorted(set(v for v in lut[n].values() if v != 0))
+        annotations["sources"][n] = {"annotated": annotated, "label_values": {str(k): v for k, v in lut[n].items()}}
+        table = np.zeros(max([0, *lut[n]]) + 1, dtype=np.uint8)
+        for value, new in lut[n].items():
+            table[value] = new
+        files = cases[n]
+        rw = determine_reader_writer_from_dataset_json(jsons[n], files[next(iter(files))]["images"][0], verbose=False)()
+        for case, f in sorted(files.items()):
+            new_case = f"{prefix}_{case}"
+            for c, image in enumerate(f["images"]):
+                dst = os.path.join(folder, "imagesTr", f"{new_case}_{c:04d}{ending}")
+                if copy:
+                    shutil.copy2(image, dst)
+                else:
+                    os.symlink(os.path.abspath(image), dst)
+            seg, props = rw.read_seg(f["label"])
+            values = np.unique(seg).astype(int)
+            unknown = [int(v) for v in values if v != 0 and v not in lut[n]]
+            if unknown:
+                raise ValueError(f"{f['label']} holds label value(s) {unknown} that {n}'s dataset.json does not "
+                                 f"name; add them to its labels or fix the file.")
+            rw.write_seg(table[seg[0].astype(np.int64)], os.path.join(folder, "labelsTr", new_case + ending), props)
+            annotations["cases"][new_case] = {"source": n, "annotated": annotated}
+    meta = {"channel_names": jsons[names[0]].get("channel_names", jsons[names[0]].get("modality")),
+            "labels": unified, "numTraining": len(annotations["cases"]), "file_ending": ending, "name": name,
+            "description": f"Pooled by nnunet-fseft combine from {', '.join(names)}; each source annotates "
+                           f"only some labels, listed per case in {ANNOTATIONS}."}
+    for key in ("overwrite_image_reader_writer",):
+        if key in jsons[names[0]]:
+            meta[key] = jsons[names[0]][key]
+    with open(os.path.join(folder, "dataset.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    with open(os.path.join(folder, ANNOTATIONS), "w") as f:
+        json.dump(annotations, f, indent=1)

@@ -1,0 +1,126 @@
+"""Foundation pre-training on pooled, partially labelled datasets, through the real commands:
+`nnunet-fseft combine`, `nnUNetv2_plan_and_preprocess --verify_dataset_integrity`,
+`nnUNetv2_train -tr nnUNetTrainerFSEFT_FoundationShort`, `nnUNetv2_predict`, `nnunet-fseft adopt`."""
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import TRAIN_ENV, run
+from test_bad_input import fails_with
+
+SOURCE_A, SOURCE_B, POOLED = "110", "111", "210"
+ORGANS_A, ORGANS_B = ["liver", "spleen"], ["kidney_left", "kidney_right"]
+
+
+def tree_digest(folder):
+    """Names, link targets and bytes of every file below `folder`."""
+    h = hashlib.sha256()
+    for root, dirs, files in sorted(os.walk(folder)):
+        dirs.sort()
+        for f in sorted(files):
+            p = os.path.join(root, f)
+            h.update(p.encode())
+            h.update(os.readlink(p).encode() if os.path.islink(p) else open(p, "rb").read())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def sources(workspace):
+    """Two synthetic datasets labelling different organs of the same anatomy."""
+    run(["nnunet-fseft", "synth", "-d", SOURCE_A, "--cases", "4", "--test", "1", "--shape", "32", "32", "32",
+         "--name", "PartA", "--organs", *ORGANS_A])
+    run(["nnunet-fseft", "synth", "-d", SOURCE_B, "--cases", "4", "--seed", "3", "--shape", "32", "32", "32",
+         "--name", "PartB", "--organs", *ORGANS_B])
+    return workspace / "nnUNet_raw"
+
+
+def test_bad_input_to_combine_writes_nothing(sources, tmp_path):
+    raw = sources
+    before = sorted(os.listdir(raw))
+    fails_with(["nnunet-fseft", "combine", "-d", SOURCE_A, "999", "-o", "212"], "Dataset 999 does not exist")
+    fails_with(["nnunet-fseft", "combine", "-d", SOURCE_A, SOURCE_B, "-o", SOURCE_A], "already used by")
+
+    def variant(new_id, edit):
+        """A copy of source B whose dataset.json is changed by `edit`."""
+        folder = raw / f"Dataset{new_id}_Variant"
+        os.makedirs(folder)
+        for sub in ("imagesTr", "labelsTr"):
+            os.symlink(raw / "Dataset111_PartB" / sub, folder / sub)
+        meta = json.loads((raw / "Dataset111_PartB" / "dataset.json").read_text())
+        edit(meta)
+        (folder / "dataset.json").write_text(json.dumps(meta))
+        return str(new_id)
+
+    two_channels = variant(120, lambda m: m.update(channel_names={"0": "CT", "1": "PET"}))
+    fails_with(["nnunet-fseft", "combine", "-d", SOURCE_A, two_channels, "-o", "212"], "same channels")
+    lien = variant(121, lambda m: m.update(labels={"background": 0, "lien": 1, "Spleen": 2}))
+    fails_with(["nnunet-fseft", "combine", "-d", SOURCE_A, lien, "-o", "212"], "which both mean 'spleen'")
+    joined = variant(122, lambda m: m.update(labels={"background": 0, "kidneys": 1, "lien": 2}))
+    fails_with(["nnunet-fseft", "combine", "-d", SOURCE_B, joined, "-o", "212"], "join them with a --label-map")
+    # the label map fixes it, but that source's files hold a value its dataset.json does not name
+    label_map = tmp_path / "map.json"
+    label_map.write_text(json.dumps({"kidney_left": "kidney", "kidney_right": "kidney"}))
+    short = variant(123, lambda m: m.update(labels={"background": 0, "kidneys": 1}))
+    fails_with(["nnunet-fseft", "combine", "-d", SOURCE_B, short, "-o", "212", "--label-map", label_map],
+               "holds label value(s) [2]")
+    assert sorted(os.listdir(raw)) == sorted(before + ["Dataset120_Variant", "Dataset121_Variant",
+                                                       "Dataset122_Variant", "Dataset123_Variant"])
+
+
+def test_pool_pretrain_predict_and_adopt(workspace, sources):
+    raw, results = sources, workspace / "nnUNet_results"
+    digests = {s: tree_digest(raw / s) for s in ("Dataset110_PartA", "Dataset111_PartB")}
+    run(["nnunet-fseft", "combine", "-d", SOURCE_A, SOURCE_B, "-o", POOLED, "--name", "Pooled"])
+    pooled = raw / "Dataset210_Pooled"
+    labels = json.loads((pooled / "dataset.json").read_text())["labels"]
+    assert labels == {"background": 0, "liver": 1, "spleen": 2, "kidney_left": 3, "kidney_right": 4}
+    annotations = json.loads((pooled / "annotations.json").read_text())
+    assert annotations["cases"]["Dataset110_PartA_000"]["annotated"] == [1, 2]
+    assert annotations["cases"]["Dataset111_PartB_003"]["annotated"] == [3, 4]
+    assert {s: tree_digest(raw / s) for s in digests} == digests  # the sources are only read
+
+    run(["nnUNetv2_plan_and_preprocess", "-d", POOLED, "-c", "3d_fullres", "-np", "2", "--verify_dataset_integrity"])
+    from nnunet_fseft.plans_presets import apply_preset
+    plans = apply_preset(POOLED, "cpu_tiny")
+    p = run(["nnUNetv2_train", POOLED, "3d_fullres", "0", "-p", plans, "-tr", "nnUNetTrainerFSEFT_FoundationShort",
+             "-device", "cpu"], env={**TRAIN_ENV, "nnUNet_fseft_epochs": "4", "nnUNet_fseft_iters_per_epoch": "25"})
+    assert "Dataset110_PartA annotates liver, spleen" in p.stdout + _log(results)
+    model = results / "Dataset210_Pooled" / f"nnUNetTrainerFSEFT_FoundationShort__{plans}__3d_fullres"
+    validation = model / "fold_0" / "validation"
+    masked = json.loads((validation / "summary.json").read_text())
+    unmasked = json.loads((validation / "summary_all_labels.json").read_text())
+    for case in masked["metric_per_case"]:  # each case scored on its own source's organs only
+        name = os.path.basename(case["reference_file"])[:-len(".nii.gz")]
+        assert sorted(map(int, case["metrics"])) == annotations["cases"][name]["annotated"]
+    assert all(len(c["metrics"]) == 4 for c in unmasked["metric_per_case"])
+
+    out = workspace / "pooled_predictions"
+    run(["nnUNetv2_predict", "-i", raw / "Dataset110_PartA" / "imagesTs", "-o", out, "-d", POOLED, "-c", "3d_fullres",
+         "-f", "0", "-p", plans, "-tr", "nnUNetTrainerFSEFT_FoundationShort", "-device", "cpu", "--disable_tta"])
+    import SimpleITK as sitk
+    predicted = set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "PartA_004.nii.gz")))).tolist())
+    assert predicted & {1, 2} and predicted & {3, 4}, predicted  # organs of both sources on one scan
+
+    # Adopted for a target that names organs its own way, the foundation's unified names are recorded,
+    # so head initialisation finds them.
+    run(["nnunet-fseft", "synth", "-d", "211", "--cases", "2", "--seed", "7", "--shape", "32", "32", "32",
+         "--name", "NamedOtherwise", "--organs", "spleen", "kidney_right"])
+    meta_path = raw / "Dataset211_NamedOtherwise" / "dataset.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "labels": {"background": 0, "Lien": 1, "right kidney": 2}}))
+    run(["nnunet-fseft", "adopt", "--foundation", model, "--fold", "0", "-d", "211"])
+    from nnunet_fseft.foundation import PLANS_KEY
+    from nnunet_fseft.labels import match_labels
+    recorded = json.loads((workspace / "nnUNet_preprocessed" / "Dataset211_NamedOtherwise" / "FSEFTPlans.json")
+                          .read_text())[PLANS_KEY]["labels"]
+    assert recorded == labels
+    matches = match_labels({"background": 0, "Lien": 1, "right kidney": 2}, recorded)
+    assert [(m[0], m[3]) for m in matches] == [("Lien", 2), ("right kidney", 4)]
+
+
+def _log(results):
+    logs = list(results.glob("Dataset210_Pooled/*/fold_0/training_log_*.txt"))
+    return "".join(p.read_text() for p in logs)
