@@ -43,7 +43,7 @@ def cmd_synth(args):
 
 def cmd_combine(args):
     from nnunet_fseft.combine import ANNOTATIONS, combine
-    path = combine(args.d, args.o, args.name, args.label_map, args.copy)
+    path = combine(args.d, args.o, args.name, args.label_map, args.copy, args.np)
     print(f"Wrote {path} (which classes each case annotates: {ANNOTATIONS}); pre-train a foundation on it with:\n"
           f"  nnUNetv2_plan_and_preprocess -d {args.o} --verify_dataset_integrity\n"
           f"  nnUNetv2_train {args.o} 3d_fullres all -tr nnUNetTrainerFSEFT_Foundation")
@@ -151,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--label-map", default=None, help='JSON {"source name": "unified name"}: synonyms, or '
                    'joining left and right ({"kidney_left": "kidney", "kidney_right": "kidney"})')
     s.add_argument("--copy", action="store_true", help="copy the images (default: symbolic links)")
+    s.add_argument("-np", type=int, default=2, help="processes remapping label files (default 2)")
     s.set_defaults(func=cmd_combine)
 
     s = sub.add_parser("params", help="trainable and total parameters and adapter-file size of each method")

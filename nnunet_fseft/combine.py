@@ -92,7 +92,7 @@ def unify_labels(sources: Dict[str, Dict[str, int]], label_map: Dict[str, str]):
 
 
 def combine(datasets: List[str], target_id: int, name: Optional[str] = None, label_map: Optional[str] = None,
-            copy: bool = False) -> str:
+            copy: bool = False, num_processes: int = 2) -> str:
     """Writes $nnUNet_raw/DatasetXXX_NAME (imagesTr, labelsTr, dataset.json, annotations.json); returns its path."""
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
@@ -129,7 +129,7 @@ def combine(datasets: List[str], target_id: int, name: Optional[str] = None, lab
     final = os.path.join(raw, f"Dataset{int(target_id):03d}_{name}")
     tmp = os.path.join(raw, f".tmp_Dataset{int(target_id):03d}_{name}_{os.getpid()}")
     try:
-        _write(tmp, names, jsons, cases, unified, lut, name, copy)
+        _write(tmp, names, jsons, cases, unified, lut, name, copy, num_processes)
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -137,22 +137,19 @@ def combine(datasets: List[str], target_id: int, name: Optional[str] = None, lab
     return final
 
 
-def _write(folder, names, jsons, cases, unified, lut, name, copy):
-    import numpy as np
+def _write(folder, names, jsons, cases, unified, lut, name, copy, num_processes):
+    from multiprocessing import Pool
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
     ending = jsons[names[0]]["file_ending"]
     for sub in ("imagesTr", "labelsTr"):
         os.makedirs(os.path.join(folder, sub))
-    annotations = {"sources": {}, "cases": {}}
+    annotations, jobs = {"sources": {}, "cases": {}}, []
     for n in names:
         prefix = n.split("_")[0]  # DatasetXXX: case names stay unique across sources
         annotated = sorted(set(v for v in lut[n].values() if v != 0))
         annotations["sources"][n] = {"annotated": annotated, "label_values": {str(k): v for k, v in lut[n].items()}}
-        table = np.zeros(max([0, *lut[n]]) + 1, dtype=np.uint8)
-        for value, new in lut[n].items():
-            table[value] = new
         files = cases[n]
-        rw = determine_reader_writer_from_dataset_json(jsons[n], files[next(iter(files))]["images"][0], verbose=False)()
+        rw = determine_reader_writer_from_dataset_json(jsons[n], files[next(iter(files))]["images"][0], verbose=False)
         for case, f in sorted(files.items()):
             new_case = f"{prefix}_{case}"
             for c, image in enumerate(f["images"]):
@@ -161,22 +158,36 @@ def _write(folder, names, jsons, cases, unified, lut, name, copy):
                     shutil.copy2(image, dst)
                 else:
                     os.symlink(os.path.abspath(image), dst)
-            seg, props = rw.read_seg(f["label"])
-            values = np.unique(seg).astype(int)
-            unknown = [int(v) for v in values if v != 0 and v not in lut[n]]
-            if unknown:
-                raise ValueError(f"{f['label']} holds label value(s) {unknown} that {n}'s dataset.json does not "
-                                 f"name; add them to its labels or fix the file.")
-            rw.write_seg(table[seg[0].astype(np.int64)], os.path.join(folder, "labelsTr", new_case + ending), props)
+            jobs.append((rw, f["label"], os.path.join(folder, "labelsTr", new_case + ending), lut[n], n))
             annotations["cases"][new_case] = {"source": n, "annotated": annotated}
+    if num_processes > 1:
+        with Pool(num_processes) as pool:
+            pool.starmap(_remap_label, jobs)
+    else:
+        for job in jobs:
+            _remap_label(*job)
     meta = {"channel_names": jsons[names[0]].get("channel_names", jsons[names[0]].get("modality")),
             "labels": unified, "numTraining": len(annotations["cases"]), "file_ending": ending, "name": name,
             "description": f"Pooled by nnunet-fseft combine from {', '.join(names)}; each source annotates "
                            f"only some labels, listed per case in {ANNOTATIONS}."}
-    for key in ("overwrite_image_reader_writer",):
-        if key in jsons[names[0]]:
-            meta[key] = jsons[names[0]][key]
+    if "overwrite_image_reader_writer" in jsons[names[0]]:
+        meta["overwrite_image_reader_writer"] = jsons[names[0]]["overwrite_image_reader_writer"]
     with open(os.path.join(folder, "dataset.json"), "w") as f:
         json.dump(meta, f, indent=2)
     with open(os.path.join(folder, ANNOTATIONS), "w") as f:
         json.dump(annotations, f, indent=1)
+
+
+def _remap_label(reader_writer, source: str, destination: str, lut: Dict[int, int], dataset: str) -> None:
+    """One label file in the unified values, written with the source's reader/writer and geometry."""
+    import numpy as np
+    rw = reader_writer()
+    seg, props = rw.read_seg(source)
+    unknown = [int(v) for v in np.unique(seg) if v != 0 and int(v) not in lut]
+    if unknown:
+        raise ValueError(f"{source} holds label value(s) {unknown} that {dataset}'s dataset.json does not "
+                         f"name; add them to its labels or fix the file.")
+    table = np.zeros(max([0, *lut]) + 1, dtype=np.uint8 if max(lut.values(), default=0) < 256 else np.uint16)
+    for value, new in lut.items():
+        table[value] = new
+    rw.write_seg(table[seg[0].astype(np.int64)], destination, props)

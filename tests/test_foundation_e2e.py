@@ -70,25 +70,32 @@ def test_bad_input_to_combine_writes_nothing(sources, tmp_path):
                                                        "Dataset122_Variant", "Dataset123_Variant"])
 
 
-def test_pool_pretrain_predict_and_adopt(workspace, sources):
-    raw, results = sources, workspace / "nnUNet_results"
+@pytest.fixture(scope="module")
+def pooled(sources):
+    """The two sources pooled, checked by nnU-Net and preprocessed; returns the plans name."""
+    raw = sources
     digests = {s: tree_digest(raw / s) for s in ("Dataset110_PartA", "Dataset111_PartB")}
     run(["nnunet-fseft", "combine", "-d", SOURCE_A, SOURCE_B, "-o", POOLED, "--name", "Pooled"])
-    pooled = raw / "Dataset210_Pooled"
-    labels = json.loads((pooled / "dataset.json").read_text())["labels"]
-    assert labels == {"background": 0, "liver": 1, "spleen": 2, "kidney_left": 3, "kidney_right": 4}
-    annotations = json.loads((pooled / "annotations.json").read_text())
-    assert annotations["cases"]["Dataset110_PartA_000"]["annotated"] == [1, 2]
-    assert annotations["cases"]["Dataset111_PartB_003"]["annotated"] == [3, 4]
     assert {s: tree_digest(raw / s) for s in digests} == digests  # the sources are only read
-
     run(["nnUNetv2_plan_and_preprocess", "-d", POOLED, "-c", "3d_fullres", "-np", "2", "--verify_dataset_integrity"])
     from nnunet_fseft.plans_presets import apply_preset
-    plans = apply_preset(POOLED, "cpu_tiny")
-    p = run(["nnUNetv2_train", POOLED, "3d_fullres", "0", "-p", plans, "-tr", "nnUNetTrainerFSEFT_FoundationShort",
+    return apply_preset(POOLED, "cpu_tiny")
+
+
+def test_pool_pretrain_predict_and_adopt(workspace, sources, pooled):
+    raw, results, plans = sources, workspace / "nnUNet_results", pooled
+    labels = json.loads((raw / "Dataset210_Pooled" / "dataset.json").read_text())["labels"]
+    assert labels == {"background": 0, "liver": 1, "spleen": 2, "kidney_left": 3, "kidney_right": 4}
+    annotations = json.loads((raw / "Dataset210_Pooled" / "annotations.json").read_text())
+    assert annotations["cases"]["Dataset110_PartA_000"]["annotated"] == [1, 2]
+    assert annotations["cases"]["Dataset111_PartB_003"]["annotated"] == [3, 4]
+
+    run(["nnUNetv2_train", POOLED, "3d_fullres", "0", "-p", plans, "-tr", "nnUNetTrainerFSEFT_FoundationShort",
              "-device", "cpu"], env={**TRAIN_ENV, "nnUNet_fseft_epochs": "4", "nnUNet_fseft_iters_per_epoch": "25"})
-    assert "Dataset110_PartA annotates liver, spleen" in p.stdout + _log(results)
     model = results / "Dataset210_Pooled" / f"nnUNetTrainerFSEFT_FoundationShort__{plans}__3d_fullres"
+    log = _log(model / "fold_0")
+    assert "Dataset110_PartA annotates liver, spleen" in log and "Dataset111_PartB annotates kidney_left, kidney_right" in log
+    assert log.count("Epoch time") == 4  # nnUNet_fseft_epochs
     validation = model / "fold_0" / "validation"
     masked = json.loads((validation / "summary.json").read_text())
     unmasked = json.loads((validation / "summary_all_labels.json").read_text())
@@ -121,6 +128,18 @@ def test_pool_pretrain_predict_and_adopt(workspace, sources):
     assert [(m[0], m[3]) for m in matches] == [("Lien", 2), ("right kidney", 4)]
 
 
-def _log(results):
-    logs = list(results.glob("Dataset210_Pooled/*/fold_0/training_log_*.txt"))
-    return "".join(p.read_text() for p in logs)
+def test_the_foundation_trainer_keeps_nnunets_schedule(workspace, pooled):
+    """nnUNetTrainerFSEFT_Foundation itself: nnU-Net's SGD and test-time mirroring, our overrides of
+    the schedule, and the masked validation summary."""
+    run(["nnUNetv2_train", POOLED, "3d_fullres", "1", "-p", pooled, "-tr", "nnUNetTrainerFSEFT_Foundation",
+         "-device", "cpu"], env={**TRAIN_ENV, "nnUNet_fseft_epochs": "1", "nnUNet_fseft_iters_per_epoch": "2"})
+    fold = workspace / "nnUNet_results" / "Dataset210_Pooled" / f"nnUNetTrainerFSEFT_Foundation__{pooled}__3d_fullres" / "fold_1"
+    debug = json.loads((fold / "debug.json").read_text())
+    assert debug["optimizer"].startswith("SGD") and debug["inference_allowed_mirroring_axes"] != "None"
+    assert debug["num_epochs"] == "1" and debug["num_iterations_per_epoch"] == "2"
+    assert (fold / "validation" / "summary_all_labels.json").is_file()
+    assert _log(fold).count("Epoch time") == 1
+
+
+def _log(fold):
+    return "".join(p.read_text() for p in fold.glob("training_log_*.txt"))

@@ -141,3 +141,31 @@ def test_label_names_pool_by_meaning():
         unify_labels({"D1": {"lien": 1, "Spleen": 2}}, {})
     with pytest.raises(ValueError, match="which no source dataset labels"):
         unify_labels({"D1": {"liver": 1}}, {"pancreas": "pancreas"})
+
+
+def _ddp_rank(rank, world, init_file, logits, target, annotated, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    x = logits[rank:rank + 1].clone().requires_grad_(True)
+    loss = PartialLabelLoss(batch_dice=True, ddp=True)(x, target[rank:rank + 1], annotated[rank:rank + 1])
+    loss.backward()
+    out[rank] = (loss.item(), x.grad.clone())
+    dist.destroy_process_group()
+
+
+def test_under_ddp_batch_dice_sees_the_global_batch(tmp_path):
+    """Two gloo ranks with one case each (one not annotating class 2) give the loss and gradients of
+    one process with both cases, as nnU-Net's own batch Dice does under -num_gpus."""
+    import torch.multiprocessing as mp
+    logits, target = batch(seed=3)
+    target[0][target[0] == 2] = 0
+    annotated = annotated_mask([[1, 3], [1, 2, 3]], 4)
+    x = logits.clone().requires_grad_(True)
+    PartialLabelLoss(batch_dice=True)(x, target, annotated).backward()
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.spawn(_ddp_rank, args=(2, str(tmp_path / "init"), logits, target, annotated, out), nprocs=2)
+    # nnU-Net's DDP averages the ranks' gradients, and each rank's CE is its own batch's mean
+    for rank in (0, 1):
+        assert torch.allclose(out[rank][1] / 2, x.grad[rank:rank + 1], atol=1e-6)
