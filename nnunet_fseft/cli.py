@@ -43,7 +43,11 @@ def cmd_synth(args):
 
 def cmd_combine(args):
     from nnunet_fseft.combine import ANNOTATIONS, combine
+    import json
     path = combine(args.d, args.o, args.name, args.label_map, args.copy, args.np)
+    labels = {v: n for n, v in json.load(open(os.path.join(path, "dataset.json")))["labels"].items()}
+    for source, a in json.load(open(os.path.join(path, ANNOTATIONS)))["sources"].items():
+        print(f"{source}: " + ", ".join(f"{old} -> {new} {labels[new]}" for old, new in a["label_values"].items()))
     print(f"Wrote {path} (which classes each case annotates: {ANNOTATIONS}); pre-train a foundation on it with:\n"
           f"  nnUNetv2_plan_and_preprocess -d {args.o} --verify_dataset_integrity\n"
           f"  nnUNetv2_train {args.o} 3d_fullres all -tr nnUNetTrainerFSEFT_Foundation")

@@ -5,8 +5,9 @@ label-map file for anything else), and beside its dataset.json an `annotations.j
 which classes each case's source annotates: the partial-label trainer
 (`nnUNetTrainerFSEFT_Foundation`) reads it, plain nnU-Net ignores it.
 
-Every check runs before anything is written, the pooled dataset is written to a temporary
-folder renamed only when complete, and the sources are only read.
+Names, channels, ids and files are checked before anything is written; label values are checked
+as each file is remapped. The pooled dataset is written to a temporary folder renamed only when
+complete, so an error leaves nothing, and the sources are only read.
 """
 import json
 import os
@@ -17,6 +18,7 @@ from nnunet_fseft.labels import canonical
 from nnunet_fseft.safety import dataset_name, require_env
 
 ANNOTATIONS = "annotations.json"
+ANNOTATIONS_KEY = "fseft_annotations"  # in dataset.json, which nnU-Net copies to preprocessed and results
 
 
 def read_label_map(path: Optional[str]) -> Dict[str, str]:
@@ -102,10 +104,13 @@ def combine(datasets: List[str], target_id: int, name: Optional[str] = None, lab
         raise ValueError(f"A dataset is listed twice ({' '.join(map(str, datasets))}); list each source once.")
     if not 1 <= int(target_id) <= 999:
         raise ValueError(f"Dataset id {target_id} is out of range; pick an unused id between 1 and 999.")
-    clash = [d for d in os.listdir(raw) if d.startswith(f"Dataset{int(target_id):03d}_")]
-    if clash:
-        raise FileExistsError(f"Dataset id {target_id} is already used by {os.path.join(raw, clash[0])}; "
-                              f"pick another id for the pooled dataset.")
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):  # nnU-Net finds an id in any of them
+        folder = os.environ.get(var)
+        clash = [d for d in os.listdir(folder) if d.startswith(f"Dataset{int(target_id):03d}_")] \
+            if folder and os.path.isdir(folder) else []
+        if clash:
+            raise FileExistsError(f"Dataset id {target_id} is already used by {os.path.join(folder, clash[0])}; "
+                                  f"pick another id for the pooled dataset.")
     name = name or "Combined"
     if not name.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"Dataset name {name!r} may only contain letters, digits, '_' and '-'.")
@@ -125,6 +130,10 @@ def combine(datasets: List[str], target_id: int, name: Optional[str] = None, lab
     for n in names:
         if not cases[n]:
             raise ValueError(f"{n} has no training cases in imagesTr; check its dataset.json and file ending.")
+        missing = [p for f in cases[n].values() for p in [*f["images"], f["label"]] if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"{n} lacks {missing[0]}" + (f" and {len(missing) - 1} other files" if
+                                    len(missing) > 1 else "") + "; every training image needs its label file.")
 
     final = os.path.join(raw, f"Dataset{int(target_id):03d}_{name}")
     tmp = os.path.join(raw, f".tmp_Dataset{int(target_id):03d}_{name}_{os.getpid()}")
@@ -168,6 +177,7 @@ def _write(folder, names, jsons, cases, unified, lut, name, copy, num_processes)
             _remap_label(*job)
     meta = {"channel_names": jsons[names[0]].get("channel_names", jsons[names[0]].get("modality")),
             "labels": unified, "numTraining": len(annotations["cases"]), "file_ending": ending, "name": name,
+            ANNOTATIONS_KEY: ANNOTATIONS,
             "description": f"Pooled by nnunet-fseft combine from {', '.join(names)}; each source annotates "
                            f"only some labels, listed per case in {ANNOTATIONS}."}
     if "overwrite_image_reader_writer" in jsons[names[0]]:
@@ -183,11 +193,15 @@ def _remap_label(reader_writer, source: str, destination: str, lut: Dict[int, in
     import numpy as np
     rw = reader_writer()
     seg, props = rw.read_seg(source)
-    unknown = [int(v) for v in np.unique(seg) if v != 0 and int(v) not in lut]
+    values = np.unique(seg)
+    if not np.all(values == np.rint(values)):
+        raise ValueError(f"{source} holds non-integer values such as {values[values != np.rint(values)][0]}; "
+                         f"a label map holds whole numbers (was it resampled with interpolation?).")
+    unknown = [int(v) for v in values if v != 0 and int(v) not in lut]
     if unknown:
         raise ValueError(f"{source} holds label value(s) {unknown} that {dataset}'s dataset.json does not "
                          f"name; add them to its labels or fix the file.")
     table = np.zeros(max([0, *lut]) + 1, dtype=np.uint8 if max(lut.values(), default=0) < 256 else np.uint16)
     for value, new in lut.items():
         table[value] = new
-    rw.write_seg(table[seg[0].astype(np.int64)], destination, props)
+    rw.write_seg(table[seg[0].astype(np.int32)], destination, props)

@@ -16,22 +16,46 @@ With every class annotated both reduce exactly to nnU-Net's loss.
 """
 import json
 import os
+import shutil
 from typing import Dict, Iterable, List, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-from nnunet_fseft.combine import ANNOTATIONS
+from nnunet_fseft.combine import ANNOTATIONS_KEY
 
 
-def read_annotations(dataset_folder: str) -> Optional[dict]:
-    """The pooled dataset's annotations.json ({"sources": ..., "cases": ...}), or None without one."""
-    path = os.path.join(dataset_folder, ANNOTATIONS)
-    if not os.path.isfile(path):
+def find_annotations(dataset_json: dict, dataset_name: str, preprocessed_folder: str) -> Optional[dict]:
+    """The annotations file ({"sources": ..., "cases": ...}) that `combine` names in dataset.json, or
+    None for a dataset it did not write. Looked for in the preprocessed folder, then in nnUNet_raw,
+    and copied into the preprocessed folder, so later runs (--c, --val, another machine) find it
+    without nnUNet_raw. Training a pooled dataset without it would be naive training, so that stops."""
+    name = dataset_json.get(ANNOTATIONS_KEY)
+    if name is None:
         return None
-    with open(path) as f:
-        return json.load(f)
+    raw = os.environ.get("nnUNet_raw")
+    places = [preprocessed_folder] + ([os.path.join(raw, dataset_name)] if raw else [])
+    for folder in places:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                annotations = json.load(f)
+            _check_annotations(annotations, path)
+            if folder != preprocessed_folder and os.path.isdir(preprocessed_folder):
+                shutil.copy2(path, os.path.join(preprocessed_folder, name))
+            return annotations
+    raise FileNotFoundError(f"{dataset_name} was pooled by nnunet-fseft combine but its {name} is in none of "
+                            f"{places}; copy it from the pooled raw dataset into {preprocessed_folder}.")
+
+
+def _check_annotations(annotations: dict, path: str) -> None:
+    """Sampling and the loss work per source, so each case must annotate what its source does."""
+    for case, a in annotations["cases"].items():
+        source = annotations["sources"].get(a["source"])
+        if source is None or sorted(a["annotated"]) != sorted(source["annotated"]):
+            raise ValueError(f"In {path} case {case} does not annotate what its source {a['source']} does; "
+                             f"every case of a source must list the same classes (split the source otherwise).")
 
 
 def annotated_mask(annotated: List[Iterable[int]], num_classes: int, device=None) -> torch.Tensor:
@@ -73,7 +97,7 @@ class PartialLabelLoss(nn.Module):
 
     def dice(self, logits, target, annotated):
         axes = tuple(range(2, logits.ndim))
-        p = torch.softmax(logits, 1)[:, 1:]
+        p = torch.softmax(logits.float(), 1)[:, 1:]
         with torch.no_grad():
             y = torch.zeros_like(logits, dtype=torch.float32).scatter_(1, target.long(), 1)[:, 1:]
             m = annotated[:, 1:].float()

@@ -43,12 +43,13 @@ def test_bad_input_to_combine_writes_nothing(sources, tmp_path):
     fails_with(["nnunet-fseft", "combine", "-d", SOURCE_A, "999", "-o", "212"], "Dataset 999 does not exist")
     fails_with(["nnunet-fseft", "combine", "-d", SOURCE_A, SOURCE_B, "-o", SOURCE_A], "already used by")
 
-    def variant(new_id, edit):
-        """A copy of source B whose dataset.json is changed by `edit`."""
+    def variant(new_id, edit, drop_label=False):
+        """A copy of source B whose dataset.json is changed by `edit` (and one label file removed)."""
         folder = raw / f"Dataset{new_id}_Variant"
-        os.makedirs(folder)
-        for sub in ("imagesTr", "labelsTr"):
-            os.symlink(raw / "Dataset111_PartB" / sub, folder / sub)
+        os.makedirs(folder / "labelsTr")
+        os.symlink(raw / "Dataset111_PartB" / "imagesTr", folder / "imagesTr")
+        for f in sorted(os.listdir(raw / "Dataset111_PartB" / "labelsTr"))[int(drop_label):]:
+            os.symlink(raw / "Dataset111_PartB" / "labelsTr" / f, folder / "labelsTr" / f)
         meta = json.loads((raw / "Dataset111_PartB" / "dataset.json").read_text())
         edit(meta)
         (folder / "dataset.json").write_text(json.dumps(meta))
@@ -66,8 +67,9 @@ def test_bad_input_to_combine_writes_nothing(sources, tmp_path):
     short = variant(123, lambda m: m.update(labels={"background": 0, "kidneys": 1}))
     fails_with(["nnunet-fseft", "combine", "-d", SOURCE_B, short, "-o", "212", "--label-map", label_map],
                "holds label value(s) [2]")
-    assert sorted(os.listdir(raw)) == sorted(before + ["Dataset120_Variant", "Dataset121_Variant",
-                                                       "Dataset122_Variant", "Dataset123_Variant"])
+    unlabelled = variant(124, lambda m: None, drop_label=True)
+    fails_with(["nnunet-fseft", "combine", "-d", SOURCE_A, unlabelled, "-o", "212"], "PartB_000.nii.gz; every training image")
+    assert sorted(os.listdir(raw)) == sorted(before + [f"Dataset{i}_Variant" for i in range(120, 125)])
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +98,8 @@ def test_pool_pretrain_predict_and_adopt(workspace, sources, pooled):
     log = _log(model / "fold_0")
     assert "Dataset110_PartA annotates liver, spleen" in log and "Dataset111_PartB annotates kidney_left, kidney_right" in log
     assert log.count("Epoch time") == 4  # nnUNet_fseft_epochs
+    # the trainer kept a copy where later runs find it without nnUNet_raw
+    assert (workspace / "nnUNet_preprocessed" / "Dataset210_Pooled" / "annotations.json").is_file()
     validation = model / "fold_0" / "validation"
     masked = json.loads((validation / "summary.json").read_text())
     unmasked = json.loads((validation / "summary_all_labels.json").read_text())
@@ -139,6 +143,23 @@ def test_the_foundation_trainer_keeps_nnunets_schedule(workspace, pooled):
     assert debug["num_epochs"] == "1" and debug["num_iterations_per_epoch"] == "2"
     assert (fold / "validation" / "summary_all_labels.json").is_file()
     assert _log(fold).count("Epoch time") == 1
+
+
+def test_a_pooled_dataset_without_its_annotations_does_not_train(workspace, pooled, tmp_path):
+    kept = []
+    for folder in (workspace / "nnUNet_raw", workspace / "nnUNet_preprocessed"):
+        path = folder / "Dataset210_Pooled" / "annotations.json"
+        if path.is_file():
+            kept.append((path, tmp_path / f"{len(kept)}.json"))
+            path.rename(kept[-1][1])
+    try:
+        p = run(["nnUNetv2_train", POOLED, "3d_fullres", "2", "-p", pooled, "-tr", "nnUNetTrainerFSEFT_Foundation",
+                 "-device", "cpu"], env=TRAIN_ENV, check=False)
+    finally:
+        for path, backup in kept:
+            backup.rename(path)
+    assert p.returncode != 0 and "was pooled by nnunet-fseft combine but its annotations.json" in p.stdout
+    assert "Epoch 0" not in p.stdout
 
 
 def _log(fold):

@@ -16,7 +16,7 @@ from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_fseft.partial_labels import (PartialLabelLoss, SourceBalancedDataset, annotated_mask,
-                                         annotated_summary, read_annotations)
+                                         annotated_summary, find_annotations)
 from nnunet_fseft.trainers.nnUNetTrainerFSEFT import set_schedule
 from nnunet_fseft.trainers.pretrain import nnUNetTrainerFSEFT_Pretrain
 
@@ -29,25 +29,18 @@ class nnUNetTrainerFSEFT_Foundation(nnUNetTrainer):
         if self.label_manager.has_regions or self.label_manager.has_ignore_label:
             raise ValueError(f"{type(self).__name__} trains plain labels; this dataset has regions or an ignore "
                              f"label, which partial labels cannot be combined with. Pool plain-label datasets.")
-        self.annotations = self._find_annotations()
+        self.annotations = find_annotations(self.dataset_json, self.plans_manager.dataset_name,
+                                            self.preprocessed_dataset_folder_base)
         # what each key annotates: case ids (validation) and source names (training draws sources)
         self.annotated_of = {}
         if self.annotations:
             self.annotated_of = {c: a["annotated"] for c, a in self.annotations["cases"].items()}
             self.annotated_of.update({s: a["annotated"] for s, a in self.annotations["sources"].items()})
 
-    def _find_annotations(self):
-        for root in (os.environ.get("nnUNet_raw"), os.path.dirname(self.preprocessed_dataset_folder_base)):
-            if root:
-                found = read_annotations(os.path.join(root, self.plans_manager.dataset_name))
-                if found:
-                    return found
-        return None
-
     def on_train_start(self):
         if self.annotations is None:
-            self.print_to_log_file("No annotations.json beside dataset.json: every case annotates every class "
-                                   "(nnU-Net's loss and sampling).")
+            self.print_to_log_file("Not a dataset pooled by nnunet-fseft combine: every case annotates every "
+                                   "class (nnU-Net's loss and sampling).")
         else:
             for source, a in self.annotations["sources"].items():
                 names = [n for n, v in self.dataset_json["labels"].items() if v in a["annotated"]]
@@ -60,8 +53,8 @@ class nnUNetTrainerFSEFT_Foundation(nnUNetTrainer):
             return dataset_tr, dataset_val
         unknown = sorted((set(dataset_tr.identifiers) | set(dataset_val.identifiers)) - set(self.annotations["cases"]))
         if unknown:
-            raise ValueError(f"Cases {unknown[:5]} are not in this dataset's annotations.json; rebuild the dataset "
-                             f"with nnunet-fseft combine or add them to the file.")
+            raise ValueError(f"Cases {unknown[:5]} are not in this dataset's annotations file; were they added after "
+                             f"nnunet-fseft combine? Pool the source datasets again.")
         source_of = {c: a["source"] for c, a in self.annotations["cases"].items()}
         return SourceBalancedDataset(dataset_tr, source_of), dataset_val
 
@@ -115,6 +108,9 @@ class nnUNetTrainerFSEFT_Foundation(nnUNetTrainer):
             result = annotated_summary(json.load(f), self.annotated_of, self.dataset_json["file_ending"])
         shutil.copy2(summary, os.path.join(self.output_folder, "validation", "summary_all_labels.json"))
         save_summary_json(result, summary)
+        unscored = [label for label, m in result["mean"].items() if m["Dice"] != m["Dice"]]
+        if unscored:
+            self.print_to_log_file(f"No validation case annotates label(s) {unscored}: they are left out of the mean.")
         self.print_to_log_file(f"Mean validation Dice over the cases that annotate each class: "
                                f"{result['foreground_mean']['Dice']} (summary.json; nnU-Net's, which scores "
                                f"un-annotated organs as background, is summary_all_labels.json)",
