@@ -32,10 +32,13 @@ def foundation_checkpoint(folder: str, fold: str, checkpoint: str) -> str:
     return os.path.abspath(checkpoint_path(folder, fold, checkpoint))
 
 
+def channels(dataset_json: dict) -> list:
+    """The input channels' names in order, lower case: what must agree between datasets."""
+    c = dataset_json.get("channel_names", dataset_json.get("modality", {}))
+    return [str(c[k]).strip().lower() for k in sorted(c, key=int)]
+
+
 def check_channels(foundation_json: dict, target_json: dict, target: str) -> None:
-    def channels(d):
-        c = d.get("channel_names", d.get("modality", {}))
-        return [str(c[k]).strip().lower() for k in sorted(c, key=int)]
     f, t = channels(foundation_json), channels(target_json)
     if f != t:
         raise ValueError(f"{target} has input channels {t} but the foundation was trained on {f}; "

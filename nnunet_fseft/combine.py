@@ -14,6 +14,7 @@ import os
 import shutil
 from typing import Dict, List, Optional
 
+from nnunet_fseft.adopt import channels
 from nnunet_fseft.labels import canonical
 from nnunet_fseft.safety import dataset_name, require_env
 
@@ -37,11 +38,6 @@ def read_label_map(path: Optional[str]) -> Dict[str, str]:
     if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
         raise ValueError(f'Label map {path} must be a JSON object {{"source name": "unified name"}} of strings.')
     return {canonical(k): canonical(v) for k, v in mapping.items()}
-
-
-def _channels(dataset_json: dict) -> List[str]:
-    c = dataset_json.get("channel_names", dataset_json.get("modality", {}))
-    return [str(c[k]).strip().lower() for k in sorted(c, key=int)]
 
 
 def _source_labels(name: str, dataset_json: dict) -> Dict[str, int]:
@@ -118,9 +114,9 @@ def combine(datasets: List[str], target_id: int, name: Optional[str] = None, lab
     jsons = {n: load_json(os.path.join(raw, n, "dataset.json")) for n in names}
     first = names[0]
     for n in names[1:]:
-        if _channels(jsons[n]) != _channels(jsons[first]):
-            raise ValueError(f"{n} has input channels {_channels(jsons[n])} but {first} has "
-                             f"{_channels(jsons[first])}; only datasets of the same channels and modalities pool.")
+        if channels(jsons[n]) != channels(jsons[first]):
+            raise ValueError(f"{n} has input channels {channels(jsons[n])} but {first} has "
+                             f"{channels(jsons[first])}; only datasets of the same channels and modalities pool.")
         if jsons[n]["file_ending"] != jsons[first]["file_ending"]:
             raise ValueError(f"{n} stores {jsons[n]['file_ending']} files but {first} stores "
                              f"{jsons[first]['file_ending']}; convert one of them so both use one file ending.")
