@@ -53,6 +53,12 @@ def cmd_combine(args):
           f"  nnUNetv2_train {args.o} 3d_fullres all -tr nnUNetTrainerFSEFT_Foundation")
 
 
+def cmd_benchmark(args):
+    from nnunet_fseft.benchmark import benchmark
+    benchmark(args.foundation, args.d, args.k, args.repeats, args.methods, args.test, args.o, args.fold, args.device)
+    print(f"Wrote results.csv, results.json, report.md and figures in {args.o}")
+
+
 def cmd_demo(args):
     from nnunet_fseft.demo import run_demo
     run_demo(args.workdir, args.device)
@@ -192,6 +198,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--disable_tta", action="store_true", help="no test-time mirroring (faster)")
     s.add_argument("-np", type=int, default=2, help="processes for evaluation (default 2)")
     s.set_defaults(func=cmd_zeroshot)
+
+    s = sub.add_parser("benchmark", help="the FSEFT protocol: every method x K x repeat trained, predicted and scored")
+    s.add_argument("--foundation", required=True, help="the foundation's nnU-Net model folder")
+    s.add_argument("--fold", default="all", help="fold of the foundation (default all)")
+    s.add_argument("-d", required=True, help="target dataset id or name (in nnUNet_raw; adopted if needed)")
+    s.add_argument("--k", type=int, nargs="+", default=[1, 5, 10])
+    s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--methods", nargs="+", default=["LoRA", "SpatialAdapter", "FullFT"],
+                   help="trainer names without nnUNetTrainerFSEFT_")
+    s.add_argument("--test", type=int, default=10, help="held-out cases, the same for every run")
+    s.add_argument("-o", required=True, help="output folder (results.csv, results.json, report.md, figures)")
+    s.add_argument("-device", "--device", default="cpu", choices=["cpu", "cuda"])
+    s.set_defaults(func=cmd_benchmark)
 
     s = sub.add_parser("demo", help="the whole few-shot loop on synthetic data, end to end")
     s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -175,3 +175,10 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
         self.print_to_log_file(f"{self.__class__.__name__}: training {trainable:,} of {total:,} parameters "
                                f"({100 * trainable / total:.2f}%)")
         super().on_train_start()
+        if self.device.type == "cuda":  # after nnU-Net's set-up, so the peak below is training's own
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def on_train_end(self):
+        if self.device.type == "cuda":  # read by `nnunet-fseft benchmark`
+            self.print_to_log_file(f"peak GPU memory {torch.cuda.max_memory_allocated(self.device) / 2 ** 20:.0f} MiB")
+        super().on_train_end()
