@@ -44,6 +44,10 @@ class nnUNetTrainerFSEFT_BlackBox(nnUNetTrainerFSEFT):
             raise ValueError(f"{self.__class__.__name__} has features = '{self.features}' and feature_store = "
                              f"'{self.feature_store}'; set features to 'cached' or 'online' and feature_store to "
                              f"'memory' or 'disk'.")
+        if self.gpu_data and self.features == "cached":
+            raise ValueError(f"{self.__class__.__name__} trains on cached features, not images, so the GPU data path "
+                             f"does not apply; unset nnUNet_fseft_gpu_data, or train features = 'online' (e.g. "
+                             f"nnUNetTrainerFSEFT_SpatialAdapterOnline).")
         self.store = self.query_store = None
         self.query_files = []
 

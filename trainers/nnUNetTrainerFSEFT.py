@@ -23,6 +23,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_fseft.anatomy import anatomy
 from nnunet_fseft.foundation import architecture_trainer, load_foundation, recorded_foundation, unwrap
+from nnunet_fseft.gpu_data import device_dataloaders, gpu_data_enabled
 from nnunet_fseft.head_init import head_rows, initialise_head
 from nnunet_fseft.parameters import count_parameters, freeze
 from nnunet_fseft.tuners.registry import apply_tuner
@@ -64,12 +65,16 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
     weight_decay_fseft = 1e-4
     # Zero-shot start: target labels the foundation knows (by name) start from its head rows.
     head_init = True
+    # Support set, patch sampling and augmentation on the training device (nnunet_fseft/gpu_data.py);
+    # nnUNet_fseft_gpu_data=1 / 0 overrides.
+    gpu_data = False
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
         set_schedule(self, self.epochs, self.iterations_per_epoch, self.val_iterations_per_epoch)
         self.initial_lr = self.learning_rate
+        self.gpu_data = gpu_data_enabled(self.gpu_data)  # a bad nnUNet_fseft_gpu_data stops here, not later
         self.weight_decay = self.weight_decay_fseft
         self.foundation = recorded_foundation(self.plans_manager.plans)
         self._restoring = False  # set by load_checkpoint: weights come from our checkpoint
@@ -159,6 +164,9 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
 
     def configure_optimizers(self):
         return adamw_poly(self)
+
+    def get_dataloaders(self):
+        return device_dataloaders(self) if self.gpu_data else super().get_dataloaders()
 
     def on_train_start(self):
         if not self.was_initialized:
