@@ -237,19 +237,23 @@ def write_reports(out: str, runs: list, zero: Optional[dict], ks: list, methods:
         first = next(x for x in s if x) if any(s) else None
         if first is None:
             continue
-        lines.append(f"| {m} | " + " | ".join(f"{x['dice_mean']:.3f} ± {x['dice_sd']:.3f}" if x else "-" for x in s)
+        lines.append(f"| {m} | " + " | ".join(_mean_sd(x["dice_mean"], x["dice_sd"], x["repeats"]) if x else "-" for x in s)
                      + f" | {first['trainable']:,} | {first['adapter_bytes']:,} B | {first['wall_s']:.0f} | "
                      f"{first['peak_gpu_mib'] if first['peak_gpu_mib'] is not None else '-'} | {first['peak_host_mib']:.0f} |")
     lines += ["", "Per label (Dice / sensitivity / specificity, mean over repeats):", "",
               "| method | K | label | Dice | sensitivity | specificity |", "|---|---|---|---|---|---|"]
     for x in summary.values():
         for label, v in x["per_label"].items():
-            lines.append(f"| {x['method']} | {x['K']} | {label} | {v['dice'][0]:.3f} ± {v['dice'][1]:.3f} | "
+            lines.append(f"| {x['method']} | {x['K']} | {label} | {_mean_sd(*v['dice'], x['repeats'])} | "
                          f"{v['sensitivity'][0]:.3f} | {v['specificity'][0]:.3f} |")
     lines += [""] + [f"![{os.path.splitext(f)[0]}]({f})" for f in figures]
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return result
+
+
+def _mean_sd(mean: float, sd: float, repeats: int) -> str:
+    return f"{mean:.3f} ± {sd:.3f}" if repeats > 1 else f"{mean:.3f} (1 run)"
 
 
 def _figures(out: str, summary: dict, ks: list, methods: list) -> list:
