@@ -62,6 +62,8 @@ class Spatial:
     def __init__(self, t, dummy_2d: bool):
         if t.p_elastic_deform > 0 or t.random_crop:
             raise Unsupported("elastic deformation and random crops")
+        if t.mode_seg not in ("bilinear", "nearest") or t.mode_image not in ("bilinear", "nearest"):
+            raise Unsupported(f"interpolation modes {t.mode_image}/{t.mode_seg}")
         if t.padding_mode_image not in ("zeros", "constant") or t.border_mode_seg not in ("zeros", "constant"):
             raise Unsupported(f"padding modes {t.padding_mode_image}/{t.border_mode_seg}")
         self.t, self.dummy_2d = t, dummy_2d
@@ -114,7 +116,7 @@ class Spatial:
         labels = torch.unique(torch.cat([labels, labels.new_tensor([self.pad_seg])]))
         onehot = (seg[:, None] == labels.view(1, -1, *[1] * (seg.ndim - 1))).float()
         onehot = onehot.reshape(1, -1, *seg.shape[1:])
-        mode = "bilinear" if self.t.mode_seg != "nearest" else "nearest"
+        mode = self.t.mode_seg
         scores = F.grid_sample(onehot, grid, mode=mode, padding_mode="zeros",
                                align_corners=self.t.align_corners).reshape(seg.shape[0], len(labels), *self.patch_size)
         pad_index = int((labels == self.pad_seg).nonzero()[0])
@@ -424,14 +426,16 @@ class DeviceAugmentation:
             raise ValueError(f"The GPU data path needs nnU-Net's SpatialTransform first in the training pipeline; "
                              f"train with CPU augmentation: gpu_data = False or {ENV}=0.")
 
-    def draw(self, b: int, c: int) -> list:
-        """Every op's parameters for a batch of b samples with c channels (host, numpy)."""
-        spatial = self.ops[0].patch_size
+    def draw(self, b: int, c: int, first_axis: int = 0) -> list:
+        """Every op's parameters for a batch of b samples with c channels (host, numpy).
+        The ops after the spatial one see the final patch; under dummy-2D that is the 2D patch
+        behind the sampled first axis (nnU-Net's Convert2DTo3DTransform restores it)."""
+        spatial = ((first_axis,) if self.dummy_2d else ()) + self.ops[0].patch_size
         return [op.draw(b, c, spatial) for op in self.ops]
 
     @torch.no_grad()
     def __call__(self, image: torch.Tensor, seg: torch.Tensor):
-        params = self.draw(image.shape[0], image.shape[1])
+        params = self.draw(image.shape[0], image.shape[1], image.shape[2])
         for op, p in zip(self.ops, params):
             image, seg = op.apply(image, seg, p)
         return image, seg

@@ -188,7 +188,8 @@ def test_noise_has_the_drawn_strength():
 def _still(p):
     """nnU-Net's pipeline with every random transform switched off."""
     p = copy.deepcopy(p)
-    p.transforms[0].p_rotation = p.transforms[0].p_scaling = 0
+    spatial = next(t for t in p.transforms if type(t).__name__ == "SpatialTransform")
+    spatial.p_rotation = spatial.p_scaling = 0
     for t in p.transforms:
         if isinstance(t, RandomTransform):
             t.apply_probability = 0
@@ -260,6 +261,27 @@ def test_dummy_2d_moves_only_within_slices():
     assert ours_image.shape == theirs_image.shape == (1, 1, *PATCH)
     assert (ours_image - theirs_image).abs().max() < 1e-4
     assert (ours_seg[0] == theirs_seg[0]).float().mean() > 0.995
+
+
+def test_dummy_2d_with_every_transform_on():
+    """After the in-plane spatial transform, the other ops see the 3D patch again, as in nnU-Net."""
+    np.random.seed(5)
+    p = pipeline(dummy_2d=True)
+    for t in p.transforms:
+        if isinstance(t, RandomTransform):
+            t.apply_probability = 1
+            t.transform.p_per_channel = 1 if hasattr(t.transform, "p_per_channel") else None
+    aug = DeviceAugmentation(p)
+    image, seg = batch(b=2)
+    image, seg = image[:, :, 5:5 + PATCH[0]], seg[:, :, 5:5 + PATCH[0]]
+    low_res = next(o for o in aug.ops if isinstance(o, LowResolution))
+    scale = low_res.draw(2, 1, (PATCH[0],) + PATCH[1:])["scale"]
+    assert scale.shape == (2, 1, 3) and (scale[..., 0] == 1).all() and (scale[..., 1:] < 1).all()
+    blur = next(o for o in aug.ops if isinstance(o, GaussianBlur))
+    assert (blur.draw(2, 1, PATCH)["sigma"] > 0).all()  # all three axes blurred
+    out_image, targets = aug(image, seg)
+    assert out_image.shape == (2, 1, *PATCH) and torch.isfinite(out_image).all()
+    assert [t.shape[2:] for t in targets] == [(24, 28, 32), (12, 14, 16), (6, 7, 8)]
 
 
 def test_training_on_the_gpu_data_path_through_nnunet(target, workspace):
