@@ -44,8 +44,23 @@ class Unsupported(ValueError):
     pass
 
 
-def _per_channel(p: float, b: int, c: int) -> np.ndarray:
-    return np.random.uniform(size=(b, c)) < p
+class ChannelOp:
+    """An intensity transform applied per sample with the RandomTransform's probability `p`,
+    then per channel with the transform's own `p_per_channel`."""
+
+    def __init__(self, t, p):
+        self.t, self.p = t, p
+
+    def _on(self, b: int, c: int) -> np.ndarray:
+        applied = np.random.uniform(size=b) < self.p
+        return (np.random.uniform(size=(b, c)) < self.t.p_per_channel) & applied[:, None]
+
+    def _values(self, scalar, b: int, c: int) -> np.ndarray:
+        """[B, C] draws of one of the transform's RandomScalars, one for all channels if it synchronises them."""
+        v = np.array([[sample_scalar(scalar, image=None, channel=k) for k in range(c)] for _ in range(b)], dtype=float)
+        if self.t.synchronize_channels:
+            v[:] = v[:, :1]
+        return v
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,6 +85,7 @@ class Spatial:
         self.patch_size = tuple(int(i) for i in t.patch_size)
         self.pad_image = float(t.padding_value_image) if t.padding_mode_image == "constant" else 0.
         self.pad_seg = int(t.padding_value_seg) if t.border_mode_seg == "constant" else 0
+        self._base_grid = {}
 
     def draw(self, b: int, c: int, spatial) -> List[Optional[tuple]]:
         """Per sample (rotation angles, scale factors), or None where nothing moves."""
@@ -97,9 +113,10 @@ class Spatial:
     def _grid(self, affine: np.ndarray, shape, device) -> torch.Tensor:
         # offsets of the output voxels from the patch centre, moved by the affine, in grid_sample's
         # [-1, 1] units of the input (align_corners=False: the input spans shape voxels)
-        axes = [torch.linspace((1 - s) / 2, (s - 1) / 2, s, device=device) for s in self.patch_size]
-        grid = torch.stack(torch.meshgrid(axes, indexing="ij"), -1)
-        grid = grid @ torch.as_tensor(affine.T, dtype=torch.float32, device=device)
+        if device not in self._base_grid:  # the same for every sample and step
+            axes = [torch.linspace((1 - s) / 2, (s - 1) / 2, s, device=device) for s in self.patch_size]
+            self._base_grid[device] = torch.stack(torch.meshgrid(axes, indexing="ij"), -1)
+        grid = self._base_grid[device] @ torch.as_tensor(affine.T, dtype=torch.float32, device=device)
         grid = grid / torch.as_tensor([s / 2 for s in shape], dtype=torch.float32, device=device)
         return grid.flip(-1)[None]
 
@@ -147,33 +164,24 @@ class Spatial:
         return torch.stack(out_image), torch.stack(out_seg)
 
 
-class GaussianNoise:
-    def __init__(self, t, p):
-        self.t, self.p = t, p
-
+class GaussianNoise(ChannelOp):
     def draw(self, b, c, spatial):
-        applied = np.random.uniform(size=b) < self.p
-        on = _per_channel(self.t.p_per_channel, b, c) & applied[:, None]
-        if self.t.synchronize_channels:  # batchgeneratorsv2 uses the drawn "variance" as the standard deviation
-            sigma = np.repeat([[sample_scalar(self.t.noise_variance, None)] for _ in range(b)], c, 1)
-        else:
-            sigma = np.array([[sample_scalar(self.t.noise_variance, None) for _ in range(c)] for _ in range(b)])
-        return {"sigma": np.where(on, sigma, 0.)}
+        # batchgeneratorsv2 uses the drawn "variance" as the standard deviation
+        return {"sigma": np.where(self._on(b, c), self._values(self.t.noise_variance, b, c), 0.)}
 
     def apply(self, image, seg, params):
         sigma = _column(params["sigma"], image)
         return image + torch.randn_like(image) * sigma, seg
 
 
-class GaussianBlur:
+class GaussianBlur(ChannelOp):
     def __init__(self, t, p):
         if t.synchronize_channels or t.synchronize_axes:
             raise Unsupported("synchronised Gaussian blur")
-        self.t, self.p = t, p
+        super().__init__(t, p)
 
     def draw(self, b, c, spatial):
-        applied = np.random.uniform(size=b) < self.p
-        on = _per_channel(self.t.p_per_channel, b, c) & applied[:, None]
+        on = self._on(b, c)
         dims = len(spatial)
         sigma = np.array([[[sample_scalar(self.t.blur_sigma, None, dim=d + 1) for d in range(dims)]
                            for _ in range(c)] for _ in range(b)])
@@ -226,17 +234,9 @@ def _column(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     return t.reshape(*t.shape, *[1] * (like.ndim - 2))
 
 
-class Brightness:
-    def __init__(self, t, p):
-        self.t, self.p = t, p
-
+class Brightness(ChannelOp):
     def draw(self, b, c, spatial):
-        applied = np.random.uniform(size=b) < self.p
-        on = _per_channel(self.t.p_per_channel, b, c) & applied[:, None]
-        m = np.array([[sample_scalar(self.t.multiplier_range, image=None, channel=k) for k in range(c)] for _ in range(b)])
-        if self.t.synchronize_channels:
-            m[:] = m[:, :1]
-        return {"multiplier": np.where(on, m, 1.)}
+        return {"multiplier": np.where(self._on(b, c), self._values(self.t.multiplier_range, b, c), 1.)}
 
     def apply(self, image, seg, params):
         return image * _column(params["multiplier"], image), seg
@@ -248,17 +248,10 @@ def _spatial_stats(image: torch.Tensor):
     return flat.mean(-1).view(shape), flat.amin(-1).view(shape), flat.amax(-1).view(shape), flat.std(-1).view(shape)
 
 
-class Contrast:
-    def __init__(self, t, p):
-        self.t, self.p = t, p
-
+class Contrast(ChannelOp):
     def draw(self, b, c, spatial):
-        applied = np.random.uniform(size=b) < self.p
-        on = _per_channel(self.t.p_per_channel, b, c) & applied[:, None]
-        m = np.array([[sample_scalar(self.t.contrast_range, image=None, channel=k) for k in range(c)] for _ in range(b)])
-        if self.t.synchronize_channels:
-            m[:] = m[:, :1]
-        return {"on": on, "factor": np.where(on, m, 1.)}
+        on = self._on(b, c)
+        return {"on": on, "factor": np.where(on, self._values(self.t.contrast_range, b, c), 1.)}
 
     def apply(self, image, seg, params):
         if not params["on"].any():
@@ -270,15 +263,14 @@ class Contrast:
         return torch.where(_column(params["on"], image).bool(), out, image), seg
 
 
-class LowResolution:
+class LowResolution(ChannelOp):
     def __init__(self, t, p):
         if t.allowed_channels is not None or t.synchronize_channels:
             raise Unsupported("low-resolution simulation on chosen or synchronised channels")
-        self.t, self.p = t, p
+        super().__init__(t, p)
 
     def draw(self, b, c, spatial):
-        applied = np.random.uniform(size=b) < self.p
-        on = _per_channel(self.t.p_per_channel, b, c) & applied[:, None]
+        on = self._on(b, c)
         dims = len(spatial)
         scale = np.ones((b, c, dims))
         for i, k in zip(*np.nonzero(on)):
@@ -299,17 +291,9 @@ class LowResolution:
         return image, seg
 
 
-class Gamma:
-    def __init__(self, t, p):
-        self.t, self.p = t, p
-
+class Gamma(ChannelOp):
     def draw(self, b, c, spatial):
-        applied = np.random.uniform(size=b) < self.p
-        on = _per_channel(self.t.p_per_channel, b, c) & applied[:, None]
-        gamma = np.array([[sample_scalar(self.t.gamma, image=None, channel=k) for k in range(c)] for _ in range(b)])
-        if self.t.synchronize_channels:
-            gamma[:] = gamma[:, :1]
-        return {"on": on, "gamma": gamma, "invert": np.random.uniform(size=(b, c)) < self.t.p_invert_image,
+        return {"on": self._on(b, c), "gamma": self._values(self.t.gamma, b, c), "invert": np.random.uniform(size=(b, c)) < self.t.p_invert_image,
                 "retain": np.random.uniform(size=(b, c)) < self.t.p_retain_stats}
 
     def apply(self, image, seg, params):
