@@ -17,23 +17,23 @@ import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
 import time
 
+from nnunet_fseft.runner import run
+
 FOUNDATION_ID, TARGET_ID = "900", "901"
-BIN = os.path.dirname(sys.executable)
 DRAIN = 16  # more than nnU-Net's training queue holds (num_cached = max(6, nnUNet_n_proc_DA // 2))
 
 
-def sh(*args, env=None):
-    print("$", " ".join(str(a) for a in args), flush=True)
-    subprocess.run([os.path.join(BIN, str(args[0]))] + [str(a) for a in args[1:]], check=True,
-                   env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL)
-
-
 def prepare(args):
-    """Synthetic foundation + target datasets, default plans, a briefly trained foundation, adopt, kshot."""
+    """Synthetic foundation + target datasets, default plans, a briefly trained foundation, adopt, kshot;
+    the commands' output goes to -o/log.txt."""
+    log = os.path.join(args.o, "log.txt")
+
+    def sh(*command, env=None):
+        print("$", " ".join(str(a) for a in command), flush=True)
+        run(command, log=log, env=env)
+
     shape = [str(s) for s in args.shape]
     results = os.path.join(os.environ["nnUNet_results"], "Dataset900_DataPathFoundation")
     model = os.path.join(results, "nnUNetTrainerFSEFT_Pretrain__nnUNetPlans__3d_fullres")

@@ -3,10 +3,11 @@ novel-organ task, K = 1, 5, 10, repeats, every method (or --methods).
 
 1. a foundation on five base organs (scanner A), planned, preprocessed and trained with
    nnUNetv2_train as the demo trains it (or --foundation MODEL_FOLDER);
-2. two targets on another scanner (B): spleen, an organ the foundation knows (the report adds
-   the zero-shot row), and pancreas, a novel, low-contrast organ placed by its neighbours;
+2. two targets on another scanner (B): a base organ the foundation knows (default spleen; the
+   report adds the zero-shot row), and pancreas, a novel, low-contrast organ placed by its neighbours;
 3. `nnunet_fseft.benchmark.benchmark` for each: adopt, K-shot folds, nnUNetv2_train,
-   nnUNetv2_predict on the same held-out scans, nnU-Net's evaluator, report and figures.
+   nnUNetv2_predict on the same held-out scans (also the query volumes of transductive methods),
+   nnU-Net's evaluator, report and figures.
 Resumable: run it again and finished runs are skipped. Writes WORKDIR/{base,novel}/ and one
 combined report (--report, figures copied beside it).
 
@@ -21,50 +22,46 @@ import shutil
 
 from nnunet_fseft.demo import BASE_ORGANS, NOVEL_ORGAN, SCHEDULES, SHAPE, Demo
 
-TASKS = {"base": (611, "spleen"), "novel": (612, NOVEL_ORGAN)}
+TASKS = ("base", "novel")
 
 
-def foundation(d: Demo) -> str:
-    from nnunet_fseft.plans_presets import apply_preset
-    from nnunet_fseft.synth import synth_dataset
-    plans = "nnUNetPlans_cpu_tiny" if d.device == "cpu" else "nnUNetPlans_cpu_small"
-    folder = os.path.join(d.env["nnUNet_results"], "Dataset610_BenchFoundation",
-                          f"nnUNetTrainerFSEFT_Pretrain__{plans}__3d_fullres")
-    if os.path.isfile(os.path.join(folder, "fold_all", "checkpoint_final.pth")):
-        return folder
-    d.say("foundation: synthesising, planning, training (nnUNetv2_train)")
-    synth_dataset(610, 16, BASE_ORGANS, seed=0, name="BenchFoundation", shape=(SHAPE,) * 3)
-    d.run(["nnUNetv2_plan_and_preprocess", "-d", "610", "-c", "3d_fullres", "-np", "2"])
-    assert apply_preset("610", "cpu_tiny" if d.device == "cpu" else "cpu_small") == plans
-    d.train("610", "all", plans, "nnUNetTrainerFSEFT_Pretrain", SCHEDULES[d.device]["foundation"])
-    return folder
+def task_dataset(task: str, base_organ: str):
+    """(dataset id, name, organ, output folder name) of a task; each base organ has a dataset of its own."""
+    if task == "novel":
+        return 612, "BenchNovel", NOVEL_ORGAN, "novel"
+    if base_organ == "spleen":
+        return 611, "BenchBase", "spleen", "base"
+    return 640 + BASE_ORGANS.index(base_organ), f"BenchBase{base_organ.capitalize()}", base_organ, f"base_{base_organ}"
 
 
-def main():
-    from nnunet_fseft.benchmark import benchmark, machine
-    from nnunet_fseft.synth import synth_dataset
+def parser(description=__doc__, tasks=TASKS, methods=None, ks=(1, 5, 10)) -> argparse.ArgumentParser:
+    """The command line; other scripts run the same protocol with other defaults."""
     from nnunet_fseft.trainers import METHODS
-
-    every = [m[len("nnUNetTrainerFSEFT_"):] for m in METHODS]
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--foundation", help="an nnU-Net model folder to use instead of training one")
-    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    ap.add_argument("--k", type=int, nargs="+", default=[1, 5, 10])
+    ap.add_argument("--tasks", nargs="+", default=list(tasks), choices=list(TASKS))
+    ap.add_argument("--organ", default="spleen", choices=BASE_ORGANS, help="organ of the base task")
+    ap.add_argument("--k", type=int, nargs="+", default=list(ks))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--test", type=int, default=8, help="held-out scans per task")
-    ap.add_argument("--methods", nargs="+", default=every)
-    ap.add_argument("--schedule", type=int, nargs=2, help="epochs and iterations per epoch of every fine-tuning "
-                                                          "(default: the demo's for the device)")
+    ap.add_argument("--methods", nargs="+", default=methods or [m[len("nnUNetTrainerFSEFT_"):] for m in METHODS])
+    ap.add_argument("--schedule", "--finetune", dest="schedule", type=int, nargs=2,
+                    help="epochs and iterations per epoch of every fine-tuning (default: the demo's for the device)")
     ap.add_argument("--report", help="combined report to write (default WORKDIR/report.md)")
-    args = ap.parse_args()
+    return ap
 
+
+def main(args=None):
+    from nnunet_fseft.benchmark import benchmark, machine
+    from nnunet_fseft.synth import synth_dataset
+
+    args = args or parser().parse_args()
     d = Demo(args.workdir, args.device)
-    model = args.foundation or foundation(d)
+    model = args.foundation or d.train_foundation(610, "BenchFoundation")[0]
     epochs, iters = args.schedule or SCHEDULES[args.device]["finetune"]
-    os.environ.update({"nnUNet_fseft_epochs": str(epochs), "nnUNet_fseft_iters_per_epoch": str(iters),
-                       "nnUNet_compile": "f", "nnUNet_def_n_proc": "2"})
+    os.environ.update({"nnUNet_fseft_epochs": str(epochs), "nnUNet_fseft_iters_per_epoch": str(iters)})
     report = args.report or os.path.join(d.workdir, "report.md")
     figures = os.path.splitext(report)[0]
     os.makedirs(figures, exist_ok=True)
@@ -74,19 +71,19 @@ def main():
              f"Fine-tuning schedule {epochs} epochs x {iters} iterations; K = {args.k}, {args.repeats} repeat(s), "
              f"{args.test} held-out scans per task; foundation `{os.path.basename(model)}`.", ""]
     for task in args.tasks:
-        dataset, organ = TASKS[task]
-        raw = os.path.join(d.env["nnUNet_raw"], f"Dataset{dataset}_Bench{task.capitalize()}")
+        dataset, name, organ, folder = task_dataset(task, args.organ)
+        raw = os.path.join(os.environ["nnUNet_raw"], f"Dataset{dataset}_{name}")
         if not os.path.isdir(raw):
-            synth_dataset(dataset, max(args.k) + args.test, [organ], seed=dataset, name=f"Bench{task.capitalize()}",
-                          scanner="B", shape=(SHAPE,) * 3)
+            synth_dataset(dataset, max(args.k) + args.test, [organ], seed=dataset, name=name, scanner="B",
+                          shape=(SHAPE,) * 3)
         d.say(f"{task} organ task ({organ}): nnunet-fseft benchmark")
-        out = os.path.join(d.workdir, task)
+        out = os.path.join(d.workdir, folder)
         benchmark(model, str(dataset), args.k, args.repeats, args.methods, args.test, out, device=args.device)
         text = open(os.path.join(out, "report.md")).read().split("\n", 3)[3]  # without its title and machine line
-        for name in os.listdir(out):
-            if name.endswith(".png"):
-                shutil.copy(os.path.join(out, name), os.path.join(figures, f"{task}_{name}"))
-                text = text.replace(f"]({name})", f"]({os.path.basename(figures)}/{task}_{name})")
+        for f in os.listdir(out):
+            if f.endswith(".png"):
+                shutil.copy(os.path.join(out, f), os.path.join(figures, f"{task}_{f}"))
+                text = text.replace(f"]({f})", f"]({os.path.basename(figures)}/{task}_{f})")
         parts += [f"## {task.capitalize()} organ: {organ}", "", text]
     with open(report, "w") as f:
         f.write("\n".join(parts))

@@ -6,8 +6,8 @@ schedule and augmentation: nnUNetTrainerFSEFT_FoundationShort (partial-label los
 balanced over sources) and nnUNetTrainerFSEFT_Pretrain (nnU-Net's loss: every organ a source
 does not label is background there). Then, through the real commands:
 1. each foundation predicts fully labelled held-out scans (scanner A); per-organ Dice;
-2. each is adopted for a base organ on scanner B and fine-tuned with K = 1 and 5 support scans
-   (default method SpatialAdapter), predicted and scored on the same held-out scans.
+2. each is the foundation of `nnunet-fseft benchmark` on a base organ on scanner B: K = 1 and 5
+   support scans (default method SpatialAdapter), predicted and scored on the same held-out scans.
 
     python benchmarks/partial_labels.py --workdir /tmp/plbench [--device cuda]
 
@@ -41,14 +41,13 @@ def main():
     ap.add_argument("--finetune", type=int, nargs=2, default=[3, 100], help="epochs and iterations per epoch")
     args = ap.parse_args()
 
+    from nnunet_fseft.benchmark import benchmark
     from nnunet_fseft.combine import combine
-    from nnunet_fseft.kshot import write_kshot_splits
     from nnunet_fseft.plans_presets import apply_preset
     from nnunet_fseft.synth import synth_dataset
-    from nnunet_fseft.zeroshot import held_out_cases, zeroshot
 
     d = Demo(args.workdir, args.device)
-    raw, results = d.env["nnUNet_raw"], d.env["nnUNet_results"]
+    raw, results = os.environ["nnUNet_raw"], os.environ["nnUNet_results"]
     pooled = os.path.join(raw, f"Dataset{POOLED}_Pooled")
     if not os.path.isdir(pooled):
         for i, (dataset_id, organs) in enumerate(SOURCES.items()):
@@ -66,8 +65,10 @@ def main():
                  {i + 1: labels[o] for i, o in enumerate(BASE_ORGANS)})
 
     report = {"foundation_dice": {}, "zero_shot": {}, "fewshot": []}
+    models = {kind: os.path.join(results, f"Dataset{POOLED}_Pooled", f"{trainer}__{plans}__3d_fullres")
+              for kind, trainer in FOUNDATIONS.items()}
     for kind, trainer in FOUNDATIONS.items():
-        model = os.path.join(results, f"Dataset{POOLED}_Pooled", f"{trainer}__{plans}__3d_fullres")
+        model = models[kind]
         if not os.path.isfile(os.path.join(model, "fold_all", "checkpoint_final.pth")):
             d.say(f"{kind} foundation ({trainer})")
             d.train(POOLED, "all", plans, trainer, SCHEDULES[args.device]["foundation"])
@@ -80,37 +81,18 @@ def main():
         summary = json.load(open(os.path.join(pred, "summary.json")))
         report["foundation_dice"][kind] = {name: summary["mean"][str(v)]["Dice"] for name, v in labels.items() if v}
 
-        for k in args.k:
-            target_id = 620 + 10 * list(FOUNDATIONS).index(kind) + k
-            name = f"Dataset{target_id:03d}_Target{kind.split('-')[0].capitalize()}K{k}"
-            target_raw = os.path.join(raw, name)
-            if not os.path.isdir(target_raw):  # identical scans for every foundation and K
-                synth_dataset(target_id, 16, [args.organ], seed=7, name=name.split("_", 1)[1], scanner="B",
-                              shape=(SHAPE,) * 3)
-                d.adopt(model, target_id)
-            # fold r draws with seed r from the same held-out set: more repeats keep the earlier folds
-            write_kshot_splits(str(target_id), k, repeats=args.repeats, seed=0, test=args.test)
-            if kind not in report["zero_shot"]:
-                report["zero_shot"][kind] = np.mean(list(zeroshot(str(target_id), device=args.device,
-                                                                  mirroring=False)[0].values()))
-            queries = os.path.join(args.workdir, f"queries_{target_id}")
-            if not os.path.isdir(queries):
-                os.makedirs(queries)
-                for case in held_out_cases(name, 0):
-                    os.symlink(os.path.join(target_raw, "imagesTr", f"{case}_0000.nii.gz"),
-                               os.path.join(queries, f"{case}_0000.nii.gz"))
-            for fold in range(args.repeats):
-                method = f"nnUNetTrainerFSEFT_{args.method}"
-                pred = os.path.join(args.workdir, "fewshot_predictions", kind, f"K{k}", f"fold{fold}")
-                if not os.path.isfile(os.path.join(pred, "summary.json")):
-                    d.say(f"{kind} foundation, K={k}, {args.method}, repeat {fold}")
-                    d.train(target_id, fold, "FSEFTPlans", method, tuple(args.finetune))
-                    d.run(["nnUNetv2_predict", "-i", queries, "-o", pred, "-d", target_id, "-c", "3d_fullres",
-                           "-f", fold, "-p", "FSEFTPlans", "-tr", method, "-device", args.device, "--disable_tta"])
-                    d.run(["nnUNetv2_evaluate_simple", os.path.join(target_raw, "labelsTr"), pred, "-l", 1,
-                           "-np", 2, "--chill"])
-                dice = json.load(open(os.path.join(pred, "summary.json")))["foreground_mean"]["Dice"]
-                report["fewshot"].append({"foundation": kind, "K": k, "repeat": fold, "dice": dice})
+    # few-shot: the same benchmark on top of each foundation, each on a target of its own (identical scans)
+    os.environ.update({"nnUNet_fseft_epochs": str(args.finetune[0]), "nnUNet_fseft_iters_per_epoch": str(args.finetune[1])})
+    for i, (kind, model) in enumerate(models.items()):
+        target_id, name = 620 + 10 * i, f"Target{kind.split('-')[0].capitalize()}"
+        if not os.path.isdir(os.path.join(raw, f"Dataset{target_id}_{name}")):
+            synth_dataset(target_id, 16, [args.organ], seed=7, name=name, scanner="B", shape=(SHAPE,) * 3)
+        d.say(f"{kind} foundation: few-shot {args.method} (nnunet-fseft benchmark)")
+        result = benchmark(model, str(target_id), args.k, args.repeats, [args.method], args.test,
+                           os.path.join(args.workdir, f"fewshot_{kind}"), device=args.device)
+        report["zero_shot"][kind] = float(np.mean(list(result["zero_shot"].values())))
+        report["fewshot"] += [{"foundation": kind, "K": r["K"], "repeat": r["repeat"],
+                               "dice": r["per_label"][args.organ]["dice"]} for r in result["runs"]]
 
     organs = [n for n, v in labels.items() if v]
     labelled_in = {o: sum(o in s for s in SOURCES.values()) for o in organs}

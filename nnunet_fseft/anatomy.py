@@ -8,9 +8,11 @@ Methods and the freezing rule ask this module instead of knowing each architectu
   each target, and trained by every method.
 """
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Set, Tuple
 
 from torch import nn
+
+from nnunet_fseft.errors import InputError
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
@@ -48,8 +50,14 @@ def anatomy(network: nn.Module) -> Anatomy:
         return Anatomy(kind, True, head=["up_projection"], decoder=["up_projection"], last_stage=[],
                        encoder_stages=[], decoder_stages=[],
                        blocks=[f"eva.blocks.{i}.mlp" for i in range(len(network.eva.blocks))])
-    raise ValueError(f"nnunet-fseft does not know the {kind} architecture; it supports PlainConvUNet, "
+    raise InputError(f"nnunet-fseft does not know the {kind} architecture; it supports PlainConvUNet, "
                      f"ResidualEncoderUNet and Primus as nnU-Net builds them from plans.")
+
+
+def head_names(network: nn.Module) -> Set[str]:
+    """State-dict keys of the head (replaced for every target, so never taken from a foundation)."""
+    heads = anatomy(network).head
+    return {k for k in network.state_dict() if within(k.rsplit(".", 1)[0], heads)}
 
 
 def _inside_sequential(network: nn.Module, name: str) -> str:
@@ -59,7 +67,7 @@ def _inside_sequential(network: nn.Module, name: str) -> str:
     while isinstance(m, nn.Sequential) and len(m) == 1:
         name, m = name + ".0", m[0]
     if isinstance(m, nn.Sequential):
-        raise ValueError(f"Stage {name} of {type(network).__name__} is a sequence of several modules "
+        raise InputError(f"Stage {name} of {type(network).__name__} is a sequence of several modules "
                          f"(a pooling stage?); nnunet-fseft cannot place a stage adapter there.")
     return name
 

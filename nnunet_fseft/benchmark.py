@@ -5,21 +5,35 @@ K_i support cases drawn with seed r (nested: the K = 1 case is among the K = 5 o
 fold validates on the same held-out cases. So all runs live side by side in nnU-Net's results
 layout, one splits file is written (the user's is kept as a backup) and nothing is retrained
 when the benchmark is run again: a run is done when its row is in runs.jsonl.
+
+The output folder holds one benchmark: its benchmark.json names the dataset, the foundation
+(sha256), the schedule and the held-out cases, and a benchmark of anything else is refused
+there. Files in it that the benchmark did not write are kept as backups, never replaced.
 """
 import csv
 import json
 import os
 import platform
-import subprocess
-import sys
+import shutil
 import time
 from typing import List, Optional
 
 import numpy as np
 
+from nnunet_fseft.errors import InputError
+from nnunet_fseft.runner import quiet, run
+from nnunet_fseft.safety import backup_name, keep_existing
+
 PLANS = "FSEFTPlans"
 COLUMNS = ["method", "K", "repeat", "fold", "label", "dice", "sensitivity", "specificity", "wall_s",
            "peak_gpu_mib", "peak_host_mib", "trainable", "total", "adapter_bytes", "device", "machine", "versions"]
+MANIFEST = "benchmark.json"
+FIGURES = ("dice_vs_k.png", "dice_vs_parameters.png", "cost.png")
+# Everything a benchmark writes in its output folder
+OUTPUTS = ("runs.jsonl", "log.txt", "zero_shot.json", "results.csv", "results.json", "report.md", *FIGURES,
+           "held_out", "predictions")
+# The schedule overrides every run gets (unset: each trainer's own schedule)
+SCHEDULE = {"epochs": "nnUNet_fseft_epochs", "iterations_per_epoch": "nnUNet_fseft_iters_per_epoch"}
 
 
 def machine() -> dict:
@@ -39,87 +53,231 @@ def folds(ks: List[int], repeats: int, cases: list, test: int, seed: int = 0) ->
     return [s for k in ks for s in kshot_splits(cases, k, repeats, seed, test)]
 
 
+class OutputFolder:
+    """The output folder of one benchmark. Its benchmark.json records which benchmark it holds
+    (`identity`: dataset, foundation sha256, schedule, held-out cases) and the digest of every
+    report file written, so that another benchmark is refused there and a file the benchmark did
+    not write, or one changed since, is kept as a backup before it is replaced."""
+
+    def __init__(self, path: str, identity: dict):
+        self.path, self.identity = path, identity
+        self.log = os.path.join(path, "log.txt")
+        self.manifest_path = os.path.join(path, MANIFEST)
+        self.created = not os.path.exists(path)
+        self.claimed = False  # benchmark.json written by this call
+        self.manifest = self._read()
+        if self.manifest is not None:
+            self._refuse_another(self.manifest["identity"])
+
+    def _read(self) -> Optional[dict]:
+        if not os.path.isfile(self.manifest_path):
+            return None
+        try:
+            with open(self.manifest_path) as f:
+                manifest = json.load(f)
+            if isinstance(manifest["identity"], dict) and isinstance(manifest["written"], dict):
+                return manifest
+        except (ValueError, KeyError, TypeError):
+            pass
+        raise InputError(f"{self.manifest_path} was not written by `nnunet-fseft benchmark`; pass another -o, or "
+                         f"move that file away.")
+
+    def _refuse_another(self, theirs: dict) -> None:
+        names = {"dataset": "dataset", "foundation_sha256": "foundation", "schedule": "schedule",
+                 "held_out": "set of held-out cases"}
+        differ = [k for k in names if theirs.get(k) != self.identity[k]]
+        if differ:
+            what = ", ".join(f"another {names[k]} ({_short(theirs.get(k))}, not {_short(self.identity[k])})"
+                             for k in differ)
+            raise InputError(f"{self.path} holds a benchmark of {what}; pass another -o for this one, or remove "
+                             f"{self.path}.")
+
+    def claim(self) -> List[str]:
+        """Creates the folder for this benchmark; in a folder of no benchmark, whatever has the name of
+        one of the benchmark's files is moved to a backup first. Returns the backups."""
+        os.makedirs(self.path, exist_ok=True)
+        if self.manifest is not None:
+            return []
+        kept = [b for b in (keep_existing(os.path.join(self.path, name)) for name in OUTPUTS) if b]
+        self.manifest = {"identity": self.identity, "written": {}}
+        self.save()
+        self.claimed = True
+        return kept
+
+    def replace(self, name: str) -> str:
+        """The path of a report file about to be written; one there that the benchmark did not write
+        (or that changed since) is kept as a backup first."""
+        path = os.path.join(self.path, name)
+        if os.path.exists(path) and _digest(path) != self.manifest["written"].get(name):
+            keep_existing(path)
+        return path
+
+    def wrote(self, name: str) -> None:
+        self.manifest["written"][name] = _digest(os.path.join(self.path, name))
+
+    def save(self) -> None:
+        with open(self.manifest_path, "w") as f:
+            json.dump(self.manifest, f, indent=1)
+
+    def tidy(self) -> None:
+        """After the benchmark, also one that stopped early: no empty log is left, and what this call
+        claimed but never used (no run, no log) is removed again, the folder too if it made it."""
+        if os.path.isfile(self.log) and os.path.getsize(self.log) == 0:
+            os.remove(self.log)
+        if self.claimed and not os.path.exists(self.log) and not os.path.exists(os.path.join(self.path, "runs.jsonl")):
+            os.remove(self.manifest_path)
+            if os.path.isdir(os.path.join(self.path, "held_out")):
+                shutil.rmtree(os.path.join(self.path, "held_out"))  # symbolic links: the images stay
+            if self.created and not os.listdir(self.path):
+                os.rmdir(self.path)
+
+
+def _digest(path: str) -> Optional[str]:
+    from nnunet_fseft.foundation import sha256
+    return sha256(path) if os.path.isfile(path) else None
+
+
+def _short(value) -> str:
+    if isinstance(value, list):
+        return f"{len(value)} cases: {', '.join(value[:3])}{', ...' if len(value) > 3 else ''}"
+    if isinstance(value, dict):  # the schedule
+        return ", ".join(f"{k} {v if v is not None else 'of the trainer'}" for k, v in value.items())
+    text = str(value)
+    return text[:12] + "..." if len(text) == 64 else text  # a sha256
+
+
+def schedule() -> dict:
+    """The schedule every run of this benchmark gets: the overrides set, None where the trainers' own."""
+    return {key: os.environ.get(var) or None for key, var in SCHEDULE.items()}
+
+
+def link_held_out(images: dict, cases: list, folder: str) -> str:
+    """`folder` holding exactly the images of the held-out `cases` (symbolic links; `images`: case ->
+    its image files): what nnUNetv2_predict segments and the scores are computed on, and the query
+    volumes of transductive runs."""
+    wanted = {os.path.basename(f): os.path.realpath(f) for c in cases for f in images[c]}
+    if os.path.isdir(folder):
+        have = {n: os.path.realpath(os.path.join(folder, n)) for n in os.listdir(folder)}
+        if have == wanted:
+            return folder
+        keep_existing(folder)
+    os.makedirs(folder)
+    for name, target in sorted(wanted.items()):
+        os.symlink(target, os.path.join(folder, name))
+    return folder
+
+
+def run_env(trainer_cls, device: str, held_out: str) -> dict:
+    """What nnUNetv2_train and nnUNetv2_predict get for one run, on top of this environment: no
+    compilation unless asked, single-process augmentation on CPU unless asked, and for a
+    transductive method the held-out scans as its query volumes (nnUNet_fseft_query), i.e. the
+    scans it is scored on, as the FSEFT paper adapts."""
+    from nnunet_fseft.transductive import QUERY_ENV
+    env = {"nnUNet_compile": os.environ.get("nnUNet_compile", "f")}
+    if device == "cpu":
+        env["nnUNet_n_proc_DA"] = os.environ.get("nnUNet_n_proc_DA", "0")
+    if getattr(trainer_cls, "transductive", False):
+        env[QUERY_ENV] = os.path.abspath(held_out)
+    return env
+
+
 def benchmark(foundation: str, dataset: str, ks: List[int], repeats: int, methods: List[str], test: int,
               out: str, fold: str = "all", device: str = "cpu") -> dict:
     """Trains, predicts and scores every run not done yet; writes results.csv, results.json, report.md
-    and figures in OUT. The schedule is the trainers' own, or nnUNet_fseft_epochs / _iters_per_epoch."""
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunet_fseft.adapter_file import load_plans, method_costs
-    from nnunet_fseft.adopt import adopt
-    from nnunet_fseft.foundation import PLANS_KEY, sha256
-    from nnunet_fseft.kshot import training_cases
-    from nnunet_fseft.safety import dataset_name, require_env, save_json_kept
+    and figures in OUT. The schedule is the trainers' own, or nnUNet_fseft_epochs / _iters_per_epoch.
+    Every check (methods, device, dataset, K, foundation, the folder OUT) comes before any work."""
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+    from nnunet_fseft.adopt import foundation_checkpoint
+    from nnunet_fseft.dataset_json import read_dataset_json
+    from nnunet_fseft.foundation import sha256
+    from nnunet_fseft.safety import dataset_name, require_env
     from nnunet_fseft.trainers import METHODS
 
     trainers = {}
     for m in methods:
-        name = f"nnUNetTrainerFSEFT_{m}"
-        if name not in METHODS:
-            raise ValueError(f"Unknown method '{m}'; choose from: {', '.join(t[len('nnUNetTrainerFSEFT_'):] for t in METHODS)}.")
-        trainers[m] = name
+        trainer = f"nnUNetTrainerFSEFT_{m}"
+        if trainer not in METHODS:
+            raise InputError(f"Unknown method '{m}'; choose from: "
+                             f"{', '.join(t[len('nnUNetTrainerFSEFT_'):] for t in METHODS)}.")
+        trainers[m] = trainer
     if device == "cuda":
         import torch
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was given but torch sees no GPU; use --device cpu.")
+            raise InputError("--device cuda was given but torch sees no GPU; use --device cpu.")
     name = dataset_name(dataset)
-    preprocessed = require_env("nnUNet_preprocessed")
-    results_root = require_env("nnUNet_results")
-    splits = folds(sorted(set(ks)), repeats, training_cases(name), test)  # checks K + test <= cases first
-    os.makedirs(out, exist_ok=True)
-    log = open(os.path.join(out, "log.txt"), "a")
+    require_env("nnUNet_preprocessed")
+    require_env("nnUNet_results")
+    raw = os.path.join(require_env("nnUNet_raw"), name)
+    images = {c: v["images"] for c, v in get_filenames_of_train_images_and_targets(
+        raw, read_dataset_json(os.path.join(raw, "dataset.json"))).items()}
+    ks = sorted(set(ks))
+    splits = folds(ks, repeats, sorted(images), test)  # checks K + test <= cases first
+    checkpoint = foundation_checkpoint(foundation, fold, "checkpoint_final.pth")
+    identity = {"dataset": name, "foundation_sha256": sha256(checkpoint), "schedule": schedule(),
+                "held_out": splits[0]["val"]}
+    folder = OutputFolder(out, identity)  # refuses another benchmark's folder
+    for backup in folder.claim():
+        print(f"Kept {os.path.basename(backup).split('.bak-')[0]} (not written by a benchmark) as {backup}")
+    try:
+        return _run_all(folder, foundation, fold, name, raw, images, ks, repeats, trainers, splits, device)
+    finally:
+        folder.tidy()
 
+
+def _run_all(folder: OutputFolder, foundation: str, fold: str, name: str, raw: str, images: dict, ks: list,
+             repeats: int, trainers: dict, splits: list, device: str) -> dict:
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunet_fseft.adopt import adopt
+    from nnunet_fseft.costs import method_costs
+    from nnunet_fseft.foundation import PLANS_KEY
+    from nnunet_fseft.plans_io import load_plans
+    from nnunet_fseft.safety import save_json_kept
+    from nnunet_fseft.trainers import METHODS
+
+    preprocessed, results_root = os.environ["nnUNet_preprocessed"], os.environ["nnUNet_results"]
     plans_file = os.path.join(preprocessed, name, PLANS + ".json")
-    from nnunet_fseft.adopt import foundation_checkpoint
-    ckpt = foundation_checkpoint(foundation, fold, "checkpoint_final.pth")
     recorded = load_json(plans_file).get(PLANS_KEY, {}) if os.path.isfile(plans_file) else {}
-    if recorded.get("sha256") != sha256(ckpt):
+    if recorded.get("sha256") != folder.identity["foundation_sha256"]:
         print(f"adopting {foundation} for {name}", flush=True)
-        _quiet(log, adopt, foundation, name, fold)
-    configuration = load_json(plans_file)[PLANS_KEY]["configuration"]
+        with quiet(folder.log):
+            adopt(foundation, name, fold)
     save_json_kept(splits, os.path.join(preprocessed, name, "splits_final.json"))
 
     plans, dataset_json = load_plans(name, PLANS)
-    costs = {r["method"]: r for r in method_costs(plans, dataset_json, configuration, [METHODS[t] for t in trainers.values()])}
-    raw = os.path.join(require_env("nnUNet_raw"), name)
-    held_out = os.path.join(out, "held_out")
-    if not os.path.isdir(held_out):
-        os.makedirs(held_out)
-        for case in splits[0]["val"]:
-            for f in sorted(os.listdir(os.path.join(raw, "imagesTr"))):
-                if f.startswith(case + "_") and len(f) - len(case) == len("_0000" + dataset_json["file_ending"]):
-                    os.symlink(os.path.join(raw, "imagesTr", f), os.path.join(held_out, f))
+    configuration = plans[PLANS_KEY]["configuration"]
+    costs = {r["method"]: r for r in method_costs(plans, dataset_json, configuration,
+                                                 [METHODS[t] for t in trainers.values()])}
+    held_out = link_held_out(images, splits[0]["val"], os.path.join(folder.path, "held_out"))
     labels = {v: n for n, v in dataset_json["labels"].items() if isinstance(v, int) and v > 0}
 
-    done_path = os.path.join(out, "runs.jsonl")
+    done_path = os.path.join(folder.path, "runs.jsonl")
     done = [json.loads(line) for line in open(done_path)] if os.path.isfile(done_path) else []
-    finished = {(r["method"], r["K"], r["repeat"]) for r in done}
-    env = {**os.environ, "nnUNet_compile": os.environ.get("nnUNet_compile", "f")}
-    if device == "cpu":
-        env.setdefault("nnUNet_n_proc_DA", "0")
-    todo = [(k, r, m) for k in sorted(set(ks)) for r in range(repeats) for m in trainers]
+    finished = {(r["method"], r["K"], r["repeat"], tuple(r["support"])) for r in done}
+    todo = [(k, r, m) for k in ks for r in range(repeats) for m in trainers]
     for i, (k, r, m) in enumerate(todo):
-        if (m, k, r) in finished:
+        f = ks.index(k) * repeats + r
+        support = splits[f]["train"]
+        if (m, k, r, tuple(support)) in finished:
             print(f"[{i + 1}/{len(todo)}] {m} K={k} repeat {r}: done earlier, skipped", flush=True)
             continue
-        f = sorted(set(ks)).index(k) * repeats + r
         print(f"[{i + 1}/{len(todo)}] {m} K={k} repeat {r} (fold {f})", flush=True)
         trainer = trainers[m]
+        env = run_env(METHODS[trainer], device, held_out)
         model = os.path.join(results_root, name, f"{trainer}__{PLANS}__{configuration}")
         fold_dir = os.path.join(model, f"fold_{f}")
         if os.path.isdir(fold_dir):  # not a finished run of ours: keep it rather than overwrite it
-            from nnunet_fseft.safety import backup_name
             os.rename(fold_dir, backup_name(fold_dir))
         t0 = time.time()
-        peak_host = _run(log, ["nnUNetv2_train", name, configuration, str(f), "-p", PLANS, "-tr", trainer,
-                               "-device", device], env)
+        peak_host = run(["nnUNetv2_train", name, configuration, str(f), "-p", PLANS, "-tr", trainer,
+                         "-device", device], log=folder.log, env=env).peak_host_mib
         wall = time.time() - t0
         train_log = open(sorted(_glob(fold_dir, "training_log_"))[-1]).read()
-        pred = os.path.join(out, "predictions", m, f"K{k}", f"repeat{r}")
-        _run(log, ["nnUNetv2_predict", "-i", held_out, "-o", pred, "-d", name, "-c", configuration, "-f", str(f),
-                   "-p", PLANS, "-tr", trainer, "-device", device, "--disable_tta"], env)
+        pred = os.path.join(folder.path, "predictions", m, f"K{k}", f"repeat{r}")
+        run(["nnUNetv2_predict", "-i", held_out, "-o", pred, "-d", name, "-c", configuration, "-f", str(f),
+             "-p", PLANS, "-tr", trainer, "-device", device, "--disable_tta"], log=folder.log, env=env)
         metrics = _evaluate(os.path.join(raw, "labelsTr"), pred, plans, dataset_json)
         cost = costs.get(trainer, {})
-        row = {"method": m, "K": k, "repeat": r, "fold": f, "wall_s": round(wall, 1),
+        row = {"method": m, "K": k, "repeat": r, "fold": f, "support": support, "wall_s": round(wall, 1),
                "peak_gpu_mib": _peak_gpu(train_log), "peak_host_mib": round(peak_host, 1),
                "trainable": cost.get("trainable"), "total": cost.get("total"), "adapter_bytes": cost.get("file_bytes"),
                "device": device, "machine": machine(), "versions": versions(),
@@ -127,34 +285,12 @@ def benchmark(foundation: str, dataset: str, ks: List[int], repeats: int, method
         with open(done_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         done.append(row)
-    zero = _zero_shot(name, out, device, log)
-    return write_reports(out, done, zero, sorted(set(ks)), list(trainers))
-
-
-def _quiet(log, fn, *args):
-    streams = sys.stdout, sys.stderr
-    sys.stdout = sys.stderr = log
-    try:
-        return fn(*args)
-    finally:
-        sys.stdout, sys.stderr = streams
+    zero = _zero_shot(folder, name, device)
+    return write_reports(folder, done, zero, ks, list(trainers))
 
 
 def _glob(folder, prefix):
     return [os.path.join(folder, f) for f in os.listdir(folder) if f.startswith(prefix)]
-
-
-def _run(log, args, env) -> float:
-    """Runs an installed command with its output to the log; returns its peak resident memory in MiB."""
-    cmd = [os.path.join(os.path.dirname(sys.executable), args[0])] + args[1:]
-    log.write(f"\n$ {' '.join(cmd)}\n")
-    log.flush()
-    p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    _, status, usage = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode != 0:
-        raise RuntimeError(f"{args[0]} failed (exit {p.returncode}); its output is in {log.name}.")
-    return usage.ru_maxrss / 1024
 
 
 def _peak_gpu(train_log: str):
@@ -181,32 +317,37 @@ def _evaluate(reference: str, pred: str, plans: dict, dataset_json: dict) -> dic
     return out
 
 
-def _zero_shot(name: str, out: str, device: str, log) -> Optional[dict]:
+def _zero_shot(folder: OutputFolder, name: str, device: str) -> Optional[dict]:
     """The foundation alone on the same held-out cases, for the labels it knows; None if none match."""
     from nnunet_fseft.zeroshot import zeroshot
-    path = os.path.join(out, "zero_shot.json")
+    path = os.path.join(folder.path, "zero_shot.json")
     if os.path.isfile(path):
-        return json.load(open(path))
-    try:
-        dice, _ = _quiet(log, zeroshot, name, PLANS, 0, os.path.join(out, "predictions", "zero_shot"), device, False)
-    except ValueError as e:  # no label of the target is a class of the foundation
-        log.write(f"zero-shot: {e}\n")
-        dice = None
-    with open(path, "w") as f:
+        with open(path) as f:
+            return json.load(f)
+    with quiet(folder.log):
+        try:
+            dice, _ = zeroshot(name, PLANS, 0, os.path.join(folder.path, "predictions", "zero_shot"), device, False)
+        except InputError as e:  # no label of the target is a class of the foundation
+            print(f"zero-shot: {e}")
+            dice = None
+    with open(folder.replace("zero_shot.json"), "w") as f:
         json.dump(dice, f)
+    folder.wrote("zero_shot.json")
     return dice
 
 
-def write_reports(out: str, runs: list, zero: Optional[dict], ks: list, methods: list) -> dict:
+def write_reports(folder: OutputFolder, runs: list, zero: Optional[dict], ks: list, methods: list) -> dict:
+    """results.csv, results.json, report.md and the figures in the benchmark's folder."""
     rows = []
-    for run in runs:
-        for label, m in run["per_label"].items():
-            rows.append({**{c: run.get(c) for c in COLUMNS}, "label": label, **m,
-                         "machine": json.dumps(run["machine"]), "versions": json.dumps(run["versions"])})
-    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+    for one in runs:
+        for label, m in one["per_label"].items():
+            rows.append({**{c: one.get(c) for c in COLUMNS}, "label": label, **m,
+                         "machine": json.dumps(one["machine"]), "versions": json.dumps(one["versions"])})
+    with open(folder.replace("results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         w.writerows(rows)
+    folder.wrote("results.csv")
     summary = {}
     for m in methods:
         for k in ks:
@@ -222,10 +363,11 @@ def write_reports(out: str, runs: list, zero: Optional[dict], ks: list, methods:
                                     "trainable": rs[0]["trainable"], "adapter_bytes": rs[0]["adapter_bytes"],
                                     "wall_s": float(np.mean([r["wall_s"] for r in rs])),
                                     "peak_gpu_mib": rs[0]["peak_gpu_mib"], "peak_host_mib": float(np.mean([r["peak_host_mib"] for r in rs]))}
-    result = {"runs": runs, "summary": summary, "zero_shot": zero}
-    with open(os.path.join(out, "results.json"), "w") as f:
+    result = {"benchmark": folder.identity, "runs": runs, "summary": summary, "zero_shot": zero}
+    with open(folder.replace("results.json"), "w") as f:
         json.dump(result, f, indent=1)
-    figures = _figures(out, summary, ks, methods)
+    folder.wrote("results.json")
+    figures = _figures(folder, summary, ks, methods)
     lines = ["# FSEFT benchmark", "", f"Machine: {json.dumps(runs[0]['machine']) if runs else '-'}; "
              f"versions: {json.dumps(runs[0]['versions']) if runs else '-'}.", "",
              "| method | " + " | ".join(f"K={k} Dice (mean ± sd)" for k in ks) + " | trainable | adapter file | train s | peak GPU MiB | peak host MiB |",
@@ -247,8 +389,10 @@ def write_reports(out: str, runs: list, zero: Optional[dict], ks: list, methods:
             lines.append(f"| {x['method']} | {x['K']} | {label} | {_mean_sd(*v['dice'], x['repeats'])} | "
                          f"{v['sensitivity'][0]:.3f} | {v['specificity'][0]:.3f} |")
     lines += [""] + [f"![{os.path.splitext(f)[0]}]({f})" for f in figures]
-    with open(os.path.join(out, "report.md"), "w") as f:
+    with open(folder.replace("report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+    folder.wrote("report.md")
+    folder.save()
     return result
 
 
@@ -256,7 +400,7 @@ def _mean_sd(mean: float, sd: float, repeats: int) -> str:
     return f"{mean:.3f} ± {sd:.3f}" if repeats > 1 else f"{mean:.3f} (1 run)"
 
 
-def _figures(out: str, summary: dict, ks: list, methods: list) -> list:
+def _figures(folder: OutputFolder, summary: dict, ks: list, methods: list) -> list:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -268,14 +412,14 @@ def _figures(out: str, summary: dict, ks: list, methods: list) -> list:
                     marker="o", capsize=3, label=m)
     ax.set(xlabel="K (support scans)", ylabel="Dice", xticks=ks)
     ax.legend(fontsize=7)
-    names.append(_save(fig, out, "dice_vs_k.png"))
+    names.append(_save(fig, folder, "dice_vs_k.png"))
     fig, ax = plt.subplots(figsize=(5, 4))
     for x in summary.values():
         if x["trainable"]:
             ax.scatter(x["trainable"], x["dice_mean"], label=f"{x['method']} K={x['K']}")
     ax.set(xscale="log", xlabel="trainable parameters", ylabel="Dice")
     ax.legend(fontsize=6)
-    names.append(_save(fig, out, "dice_vs_parameters.png"))
+    names.append(_save(fig, folder, "dice_vs_parameters.png"))
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 4))
     per_method = {m: [x for x in summary.values() if x["method"] == m] for m in methods}
     shown = [m for m in methods if per_method[m]]
@@ -286,13 +430,14 @@ def _figures(out: str, summary: dict, ks: list, methods: list) -> list:
     a2.set(ylabel="peak GPU memory (MiB)" if all(g is not None for g in gpu) else "peak host memory (MiB)")
     for a in (a1, a2):
         a.tick_params(axis="x", rotation=45, labelsize=7)
-    names.append(_save(fig, out, "cost.png"))
+    names.append(_save(fig, folder, "cost.png"))
     return names
 
 
-def _save(fig, out, name):
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, name), dpi=100)
+def _save(fig, folder: OutputFolder, name: str) -> str:
     import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(folder.replace(name), dpi=100)
     plt.close(fig)
+    folder.wrote(name)
     return name

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from nnunet_fseft.anatomy import anatomy
+from nnunet_fseft.errors import InputError
 
 
 class FrozenFoundation:
@@ -26,7 +27,7 @@ class FrozenFoundation:
     def __init__(self, network: nn.Module, sha256: str = ""):
         a = anatomy(network)
         if a.transformer:
-            raise ValueError(f"Black-box methods read the last decoder features of a conv U-Net; the "
+            raise InputError(f"Black-box methods read the last decoder features of a conv U-Net; the "
                              f"{a.architecture} decoder is its head (rebuilt for every target), so use a PEFT method "
                              f"(e.g. nnUNetTrainerFSEFT_LoRA) on this foundation instead.")
         self.head = network.decoder.seg_layers[-1]  # the foundation's own classifier (zero-shot)
@@ -113,14 +114,15 @@ class BlackBoxNetwork(nn.Module):
     def set_extra_state(self, state):
         saved = (state or {}).get("foundation_sha256")
         if saved and self.foundation.sha256 and saved != self.foundation.sha256:
-            raise ValueError(f"This adapter was trained on the foundation with sha256 {saved[:12]}…, but the plans "
-                             f"point to one with {self.foundation.sha256[:12]}…; restore that foundation file (the plans "
-                             f"name its path) or train the adapter again.")
+            raise InputError(f"This adapter was trained on the foundation with sha256 {saved}, but the plans "
+                             f"point to one with {self.foundation.sha256[:12]}…; it needs that very file: put the "
+                             f"checkpoint with sha256 {saved} where the model folder's plans.json records its path "
+                             f"(fseft_foundation.checkpoint), or train the adapter again.")
 
 
 def build_black_box(foundation_network: nn.Module, adapter: str, num_classes: int, sha256: str = "") -> BlackBoxNetwork:
     if adapter not in ADAPTERS:
-        raise ValueError(f"Unknown black-box adapter '{adapter}'; known: {sorted(ADAPTERS)}.")
+        raise InputError(f"Unknown black-box adapter '{adapter}'; known: {sorted(ADAPTERS)}.")
     frozen = FrozenFoundation(foundation_network, sha256)
     module = ADAPTERS[adapter](frozen.conv, frozen.channels, num_classes)
     return BlackBoxNetwork(frozen, module.to(next(foundation_network.parameters()).device))

@@ -5,8 +5,7 @@ import sys
 
 import numpy as np
 
-# Bad input is reported as these, each with one sentence saying what is wrong and how to fix it.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, RuntimeError)
+from nnunet_fseft.errors import InputError
 
 
 def cmd_env(args):
@@ -26,10 +25,21 @@ def cmd_adopt(args):
 
 
 def cmd_kshot(args):
-    from nnunet_fseft.kshot import write_kshot_splits
+    from nnunet_fseft.kshot import identical_folds, training_cases, write_kshot_splits
+    from nnunet_fseft.safety import dataset_name
     path, splits, backup = write_kshot_splits(args.d, args.k, args.repeats, args.seed, args.test)
     if backup:
         print(f"Kept the previous splits as {backup}")
+    # written anyway: identical folds still measure the training's own variation
+    pool = len(training_cases(dataset_name(args.d))) - args.test
+    if args.repeats > 1 and args.k >= pool:
+        print(f"Warning: K = {args.k} takes every one of the {pool} cases outside the held-out set, so all "
+              f"{args.repeats} folds train on the same support cases and differ only in training randomness; "
+              f"lower -k or --test for different support sets.")
+    else:
+        for folds in identical_folds(splits):
+            print(f"Warning: folds {', '.join(map(str, folds))} drew the same {args.k} support cases by chance, so "
+                  f"they differ only in training randomness; pass another --seed for different support sets.")
     print(f"Wrote {path}: {len(splits)} folds of K={args.k} support cases, "
           f"{len(splits[0]['val'])} held-out cases shared by every fold.")
 
@@ -42,7 +52,8 @@ def cmd_synth(args):
 
 
 def cmd_combine(args):
-    from nnunet_fseft.combine import ANNOTATIONS, combine
+    from nnunet_fseft.combine import combine
+    from nnunet_fseft.dataset_json import ANNOTATIONS
     import json
     path = combine(args.d, args.o, args.name, args.label_map, args.copy, args.np)
     labels = {v: n for n, v in json.load(open(os.path.join(path, "dataset.json")))["labels"].items()}
@@ -65,12 +76,13 @@ def cmd_demo(args):
 
 
 def cmd_params(args):
-    from nnunet_fseft.adapter_file import load_plans, method_costs
+    from nnunet_fseft.plans_io import load_plans
+    plans, dataset_json = load_plans(args.d, args.plans_name)  # before the trainers' imports: a wrong -p is said at once
+    from nnunet_fseft.costs import method_costs
     from nnunet_fseft.foundation import find_trainer
     from nnunet_fseft.trainers import METHODS
-    plans, dataset_json = load_plans(args.d, args.p)
     if args.c not in plans["configurations"]:
-        raise ValueError(f"Plans {args.p} have no configuration '{args.c}'; available: "
+        raise InputError(f"Plans {args.plans_name} have no configuration '{args.c}'; available: "
                          f"{', '.join(plans['configurations'])}.")
     trainers = [find_trainer(t) for t in args.tr] if args.tr else list(METHODS.values())
     rows = method_costs(plans, dataset_json, args.c, trainers)
@@ -104,18 +116,31 @@ def cmd_import(args):
 
 
 def cmd_merge(args):
-    from nnunet_fseft.adapter_file import merge_model
+    from nnunet_fseft.merge import merge_model
     for path in merge_model(args.model_folder, args.o):
         print(f"Wrote {path}")
 
 
 def cmd_zeroshot(args):
     from nnunet_fseft.zeroshot import zeroshot
-    dice, out = zeroshot(args.d, args.p, args.f, args.o, args.device, not args.disable_tta, args.np)
+    dice, out = zeroshot(args.d, args.plans_name, args.f, args.o, args.device, not args.disable_tta, args.np)
     print(f"Zero-shot (K = 0) Dice of the foundation on the held-out cases (nnU-Net's summary.json in {out}):")
     for label, value in dice.items():
         print(f"  {label:<30} {value:.4f}")
     print(f"  {'mean':<30} {np.mean(list(dice.values())):.4f}")
+
+
+# Flags several commands share, spelt as nnU-Net spells them (the long forms are aliases).
+def _plans_arg(s, help: str) -> None:
+    s.add_argument("-p", "--plans-name", dest="plans_name", default="FSEFTPlans", help=help)
+
+
+def _device_arg(s) -> None:
+    s.add_argument("-device", "--device", dest="device", default="cpu", choices=["cpu", "cuda"])
+
+
+def _processes_arg(s, what: str) -> None:
+    s.add_argument("-np", type=int, default=2, help=f"processes for {what} (default 2)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,16 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("adopt", help="make a trained nnU-Net model the foundation of a target dataset")
     s.add_argument("--foundation", required=True, help="nnU-Net results folder TRAINER__PLANS__CONFIGURATION")
-    s.add_argument("--fold", default="all", help="fold of the foundation to use (default: all)")
-    s.add_argument("--checkpoint", default="checkpoint_final.pth")
+    s.add_argument("-f", "--fold", dest="fold", default="all", help="fold of the foundation to use (default: all)")
+    s.add_argument("-chk", "--checkpoint", dest="checkpoint", default="checkpoint_final.pth")
     s.add_argument("-d", required=True, help="target dataset id or name (in nnUNet_raw)")
-    s.add_argument("--plans-name", default="FSEFTPlans")
-    s.add_argument("-np", type=int, default=2, help="processes for preprocessing (default 2)")
+    _plans_arg(s, "name of the plans to write (default FSEFTPlans; -p of nnUNetv2_train)")
+    _processes_arg(s, "preprocessing")
     s.set_defaults(func=cmd_adopt)
 
     s = sub.add_parser("kshot", help="write K-shot splits_final.json (fold r = repeat r)")
     s.add_argument("-d", required=True)
-    s.add_argument("-k", type=int, required=True, help="support cases per fold")
+    s.add_argument("-k", "--k", dest="k", type=int, required=True, help="support cases per fold")
     s.add_argument("--repeats", type=int, default=3)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--test", type=int, default=10, help="held-out cases, the same for every fold")
@@ -161,12 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--label-map", default=None, help='JSON {"source name": "unified name"}: synonyms, or '
                    'joining left and right ({"kidney_left": "kidney", "kidney_right": "kidney"})')
     s.add_argument("--copy", action="store_true", help="copy the images (default: symbolic links)")
-    s.add_argument("-np", type=int, default=2, help="processes remapping label files (default 2)")
+    _processes_arg(s, "remapping label files")
     s.set_defaults(func=cmd_combine)
 
     s = sub.add_parser("params", help="trainable and total parameters and adapter-file size of each method")
     s.add_argument("-d", required=True, help="dataset id or name (preprocessed)")
-    s.add_argument("-p", default="FSEFTPlans", help="plans name (default FSEFTPlans)")
+    _plans_arg(s, "plans name (default FSEFTPlans)")
     s.add_argument("-c", default="3d_fullres", help="configuration (default 3d_fullres)")
     s.add_argument("-tr", nargs="+", default=None, help="trainers (default: every nnunet-fseft method)")
     s.set_defaults(func=cmd_params)
@@ -174,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export", help="write only what a method trained: a small adapter file")
     s.add_argument("model_folder", help="nnU-Net results folder TRAINER__PLANS__CONFIGURATION")
     s.add_argument("-o", required=True, help="adapter file to write (safetensors; FILE.json beside it)")
-    s.add_argument("-f", default="0", help="fold (default 0)")
-    s.add_argument("--checkpoint", default="checkpoint_final.pth")
+    s.add_argument("-f", "--fold", dest="f", default="0", help="fold (default 0)")
+    s.add_argument("-chk", "--checkpoint", dest="checkpoint", default="checkpoint_final.pth")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("import", help="rebuild a model folder from an adapter file and its foundation")
@@ -191,29 +216,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("zeroshot", help="Dice of the foundation alone on the held-out cases, for the labels it knows (K = 0)")
     s.add_argument("-d", required=True, help="target dataset id or name (adopted, with K-shot splits)")
-    s.add_argument("-p", default="FSEFTPlans", help="plans name (default FSEFTPlans)")
-    s.add_argument("-f", type=int, default=0, help="fold of splits_final.json whose held-out cases to score (default 0)")
+    _plans_arg(s, "plans name (default FSEFTPlans)")
+    s.add_argument("-f", "--fold", dest="f", type=int, default=0,
+                   help="fold of splits_final.json whose held-out cases to score (default 0)")
     s.add_argument("-o", default=None, help="output folder (default nnUNet_results/DATASET/fseft_zeroshot__PLANS__CONFIG)")
-    s.add_argument("-device", "--device", default="cpu", choices=["cpu", "cuda"])
+    _device_arg(s)
     s.add_argument("--disable_tta", action="store_true", help="no test-time mirroring (faster)")
-    s.add_argument("-np", type=int, default=2, help="processes for evaluation (default 2)")
+    _processes_arg(s, "evaluation")
     s.set_defaults(func=cmd_zeroshot)
 
     s = sub.add_parser("benchmark", help="the FSEFT protocol: every method x K x repeat trained, predicted and scored")
     s.add_argument("--foundation", required=True, help="the foundation's nnU-Net model folder")
-    s.add_argument("--fold", default="all", help="fold of the foundation (default all)")
+    s.add_argument("-f", "--fold", dest="fold", default="all", help="fold of the foundation (default all)")
     s.add_argument("-d", required=True, help="target dataset id or name (in nnUNet_raw; adopted if needed)")
-    s.add_argument("--k", type=int, nargs="+", default=[1, 5, 10])
+    s.add_argument("-k", "--k", dest="k", type=int, nargs="+", default=[1, 5, 10], help="support cases per run")
     s.add_argument("--repeats", type=int, default=3)
     s.add_argument("--methods", nargs="+", default=["LoRA", "SpatialAdapter", "FullFT"],
                    help="trainer names without nnUNetTrainerFSEFT_")
     s.add_argument("--test", type=int, default=10, help="held-out cases, the same for every run")
     s.add_argument("-o", required=True, help="output folder (results.csv, results.json, report.md, figures)")
-    s.add_argument("-device", "--device", default="cpu", choices=["cpu", "cuda"])
+    _device_arg(s)
     s.set_defaults(func=cmd_benchmark)
 
     s = sub.add_parser("demo", help="the whole few-shot loop on synthetic data, end to end")
-    s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    _device_arg(s)
     s.add_argument("--workdir", default=os.path.join(os.getcwd(), "nnunet_fseft_demo"))
     s.set_defaults(func=cmd_demo)
     return p
@@ -223,7 +249,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except USER_ERRORS as e:
+    except InputError as e:
         print(f"nnunet-fseft {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
 

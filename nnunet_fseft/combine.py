@@ -14,12 +14,10 @@ import os
 import shutil
 from typing import Dict, List, Optional
 
-from nnunet_fseft.adopt import channels
+from nnunet_fseft.dataset_json import ANNOTATIONS, ANNOTATIONS_KEY, channels, read_dataset_json, read_json
+from nnunet_fseft.errors import InputError
 from nnunet_fseft.labels import canonical
 from nnunet_fseft.safety import dataset_name, require_env
-
-ANNOTATIONS = "annotations.json"
-ANNOTATIONS_KEY = "fseft_annotations"  # in dataset.json, which nnU-Net copies to preprocessed and results
 
 
 def read_label_map(path: Optional[str]) -> Dict[str, str]:
@@ -27,16 +25,11 @@ def read_label_map(path: Optional[str]) -> Dict[str, str]:
     if not path:
         return {}
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Label map {path} does not exist; pass a JSON file such as "
-                                f'{{"kidney_left": "kidney", "kidney_right": "kidney"}}.')
-    with open(path) as f:
-        try:
-            mapping = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"Label map {path} is not valid JSON ({e}); it must be an object "
-                             f'{{"source name": "unified name"}}.') from None
+        raise InputError(f"Label map {path} does not exist; pass a JSON file such as "
+                         f'{{"kidney_left": "kidney", "kidney_right": "kidney"}}.')
+    mapping = read_json(path, 'a label map is a JSON object {"source name": "unified name"}')
     if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
-        raise ValueError(f'Label map {path} must be a JSON object {{"source name": "unified name"}} of strings.')
+        raise InputError(f'Label map {path} must be a JSON object {{"source name": "unified name"}} of strings.')
     return {canonical(k): canonical(v) for k, v in mapping.items()}
 
 
@@ -44,10 +37,10 @@ def _source_labels(name: str, dataset_json: dict) -> Dict[str, int]:
     """The source's foreground labels, name -> value; regions and ignore labels are refused."""
     labels = dataset_json["labels"]
     if any(not isinstance(v, int) for v in labels.values()):
-        raise ValueError(f"{name} defines regions (labels with several values); combine pools plain labels "
+        raise InputError(f"{name} defines regions (labels with several values); combine pools plain labels "
                          f"only, so convert its dataset.json to one value per label first.")
     if "ignore" in labels:
-        raise ValueError(f"{name} has an 'ignore' label; combine cannot pool sparse annotations, so fill "
+        raise InputError(f"{name} has an 'ignore' label; combine cannot pool sparse annotations, so fill "
                          f"or remove its ignore label first.")
     return {n: v for n, v in labels.items() if v != 0}
 
@@ -61,7 +54,7 @@ def unify_labels(sources: Dict[str, Dict[str, int]], label_map: Dict[str, str]):
     all_names = {canonical(n) for labels in sources.values() for n in labels}
     unused = sorted(set(label_map) - all_names)
     if unused:
-        raise ValueError(f"The label map names {unused}, which no source dataset labels; fix the names "
+        raise InputError(f"The label map names {unused}, which no source dataset labels; fix the names "
                          f"(labels in the sources: {sorted(all_names)}).")
     unified, lut = {"background": 0}, {}
     for source, labels in sources.items():
@@ -70,7 +63,7 @@ def unify_labels(sources: Dict[str, Dict[str, int]], label_map: Dict[str, str]):
             key = canonical(name)
             target = label_map.get(key, key)
             if target in seen and key not in label_map:
-                raise ValueError(f"{source} labels both '{seen[target]}' and '{name}', which both mean "
+                raise InputError(f"{source} labels both '{seen[target]}' and '{name}', which both mean "
                                  f"'{target}'; merge them in the source or map them in a --label-map file.")
             seen[target] = name
             if target == "background":
@@ -83,7 +76,7 @@ def unify_labels(sources: Dict[str, Dict[str, int]], label_map: Dict[str, str]):
             joined = [s for s, labels in sources.items() if any(lut[s][v] == unified[name] for v in labels.values())]
             split = [s for s, labels in sources.items()
                      if any(lut[s][v] in [unified.get(x) for x in sides] for v in labels.values())]
-            raise ValueError(f"'{name}' means both sides in {', '.join(joined)} but {', '.join(split)} label "
+            raise InputError(f"'{name}' means both sides in {', '.join(joined)} but {', '.join(split)} label "
                              f"{' and '.join(sides)} apart; join them with a --label-map file "
                              f'{{"{sides[0]}": "{name}", "{sides[1]}": "{name}"}}.')
     return unified, lut
@@ -92,44 +85,43 @@ def unify_labels(sources: Dict[str, Dict[str, int]], label_map: Dict[str, str]):
 def combine(datasets: List[str], target_id: int, name: Optional[str] = None, label_map: Optional[str] = None,
             copy: bool = False, num_processes: int = 2) -> str:
     """Writes $nnUNet_raw/DatasetXXX_NAME (imagesTr, labelsTr, dataset.json, annotations.json); returns its path."""
-    from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
     raw = require_env("nnUNet_raw")
     names = [dataset_name(d) for d in datasets]
     if len(set(names)) != len(names):
-        raise ValueError(f"A dataset is listed twice ({' '.join(map(str, datasets))}); list each source once.")
+        raise InputError(f"A dataset is listed twice ({' '.join(map(str, datasets))}); list each source once.")
     if not 1 <= int(target_id) <= 999:
-        raise ValueError(f"Dataset id {target_id} is out of range; pick an unused id between 1 and 999.")
+        raise InputError(f"Dataset id {target_id} is out of range; pick an unused id between 1 and 999.")
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):  # nnU-Net finds an id in any of them
         folder = os.environ.get(var)
         clash = [d for d in os.listdir(folder) if d.startswith(f"Dataset{int(target_id):03d}_")] \
             if folder and os.path.isdir(folder) else []
         if clash:
-            raise FileExistsError(f"Dataset id {target_id} is already used by {os.path.join(folder, clash[0])}; "
-                                  f"pick another id for the pooled dataset.")
+            raise InputError(f"Dataset id {target_id} is already used by {os.path.join(folder, clash[0])}; "
+                             f"pick another id for the pooled dataset.")
     name = name or "Combined"
     if not name.replace("_", "").replace("-", "").isalnum():
-        raise ValueError(f"Dataset name {name!r} may only contain letters, digits, '_' and '-'.")
+        raise InputError(f"Dataset name {name!r} may only contain letters, digits, '_' and '-'.")
 
-    jsons = {n: load_json(os.path.join(raw, n, "dataset.json")) for n in names}
+    jsons = {n: read_dataset_json(os.path.join(raw, n, "dataset.json")) for n in names}
     first = names[0]
     for n in names[1:]:
         if channels(jsons[n]) != channels(jsons[first]):
-            raise ValueError(f"{n} has input channels {channels(jsons[n])} but {first} has "
+            raise InputError(f"{n} has input channels {channels(jsons[n])} but {first} has "
                              f"{channels(jsons[first])}; only datasets of the same channels and modalities pool.")
         if jsons[n]["file_ending"] != jsons[first]["file_ending"]:
-            raise ValueError(f"{n} stores {jsons[n]['file_ending']} files but {first} stores "
+            raise InputError(f"{n} stores {jsons[n]['file_ending']} files but {first} stores "
                              f"{jsons[first]['file_ending']}; convert one of them so both use one file ending.")
     sources = {n: _source_labels(n, jsons[n]) for n in names}
     unified, lut = unify_labels(sources, read_label_map(label_map))
     cases = {n: get_filenames_of_train_images_and_targets(os.path.join(raw, n), jsons[n]) for n in names}
     for n in names:
         if not cases[n]:
-            raise ValueError(f"{n} has no training cases in imagesTr; check its dataset.json and file ending.")
+            raise InputError(f"{n} has no training cases in imagesTr; check its dataset.json and file ending.")
         missing = [p for f in cases[n].values() for p in [*f["images"], f["label"]] if not os.path.isfile(p)]
         if missing:
-            raise FileNotFoundError(f"{n} lacks {missing[0]}" + (f" and {len(missing) - 1} other files" if
-                                    len(missing) > 1 else "") + "; every training image needs its label file.")
+            more = f" and {len(missing) - 1} other files" if len(missing) > 1 else ""
+            raise InputError(f"{n} lacks {missing[0]}{more}; every training image needs its label file.")
 
     final = os.path.join(raw, f"Dataset{int(target_id):03d}_{name}")
     tmp = os.path.join(raw, f".tmp_Dataset{int(target_id):03d}_{name}_{os.getpid()}")
@@ -191,11 +183,11 @@ def _remap_label(reader_writer, source: str, destination: str, lut: Dict[int, in
     seg, props = rw.read_seg(source)
     values = np.unique(seg)
     if not np.all(values == np.rint(values)):
-        raise ValueError(f"{source} holds non-integer values such as {values[values != np.rint(values)][0]}; "
+        raise InputError(f"{source} holds non-integer values such as {values[values != np.rint(values)][0]}; "
                          f"a label map holds whole numbers (was it resampled with interpolation?).")
     unknown = [int(v) for v in values if v != 0 and int(v) not in lut]
     if unknown:
-        raise ValueError(f"{source} holds label value(s) {unknown} that {dataset}'s dataset.json does not "
+        raise InputError(f"{source} holds label value(s) {unknown} that {dataset}'s dataset.json does not "
                          f"name; add them to its labels or fix the file.")
     table = np.zeros(max([0, *lut]) + 1, dtype=np.uint8 if max(lut.values(), default=0) < 256 else np.uint16)
     for value, new in lut.items():

@@ -12,9 +12,10 @@ Sized to finish in under 20 minutes on two CPU cores.
 import json
 import os
 import re
-import subprocess
-import sys
 import time
+
+from nnunet_fseft.errors import InputError
+from nnunet_fseft.runner import quiet, run
 
 FOUNDATION_ID, TARGET_ID = 100, 501
 BASE_ORGANS = ["liver", "spleen", "kidney_left", "kidney_right", "stomach"]
@@ -30,98 +31,102 @@ METHODS = ["LoRA", "FullFT"]
 
 
 class Demo:
+    """A workspace under `workdir` (nnUNet_raw, _preprocessed, _results set for this process and
+    the commands it runs), one log for every command's output, and progress lines with the time."""
+
     def __init__(self, workdir: str, device: str):
         self.workdir, self.device = os.path.abspath(workdir), device
         self.log = os.path.join(self.workdir, "demo_log.txt")
-        self.env = {**os.environ, "nnUNet_compile": "f", "nnUNet_def_n_proc": "2", "PYTHONUNBUFFERED": "1"}
+        # nnU-Net's default of 8 export workers is slow on small machines; no compilation of tiny networks
+        os.environ.update({"nnUNet_compile": "f", "nnUNet_def_n_proc": "2"})
         for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-            self.env[var] = os.environ[var] = os.path.join(self.workdir, var)
-            os.makedirs(self.env[var], exist_ok=True)
+            os.environ[var] = os.path.join(self.workdir, var)
+            os.makedirs(os.environ[var], exist_ok=True)
         self.t0 = time.time()
 
     def say(self, text: str):
         print(f"[{time.time() - self.t0:6.0f} s] {text}", flush=True)
 
-    def run(self, args, **extra_env) -> str:
-        """Runs a command, streams its epoch lines as progress, keeps its output in the log."""
-        cmd = [os.path.join(os.path.dirname(sys.executable), args[0])] + [str(a) for a in args[1:]]
-        with open(self.log, "a") as log:
-            log.write(f"\n$ {' '.join(cmd)}\n")
-            p = subprocess.Popen(cmd, env={**self.env, **extra_env}, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True)
-            out = []
-            for line in p.stdout:
-                log.write(line)
-                out.append(line)
-                m = re.search(r"Epoch (\d+)$", line.strip())
-                if m and int(m.group(1)) % 5 == 0:
-                    print(f"          epoch {m.group(1)}", flush=True)
-            if p.wait() != 0:
-                raise RuntimeError(f"{args[0]} failed (exit {p.returncode}); see {self.log}.")
-        return "".join(out)
+    def run(self, args, **env):
+        """Runs a command with its output in the log, its epoch lines shown as progress."""
+        return run(args, log=self.log, env=env, on_line=_show_epoch)
 
     def adopt(self, foundation: str, target) -> None:
         """`nnunet-fseft adopt`, its nnU-Net preprocessing output and progress bars sent to the log."""
         from nnunet_fseft.adopt import adopt
-        with open(self.log, "a") as log:
-            streams = sys.stdout, sys.stderr
-            sys.stdout = sys.stderr = log
-            try:
-                adopt(foundation, str(target))
-            finally:
-                sys.stdout, sys.stderr = streams
+        with quiet(self.log):
+            adopt(foundation, str(target))
 
-    def train(self, dataset, fold, plans, trainer, schedule, **extra_env):
+    def train(self, dataset, fold, plans, trainer, schedule, **env) -> float:
+        """nnUNetv2_train with `schedule` (epochs, iterations per epoch); returns its wall time."""
         epochs, iters = schedule
-        env = {"nnUNet_fseft_epochs": str(epochs), "nnUNet_fseft_iters_per_epoch": str(iters), **extra_env}
+        env = {"nnUNet_fseft_epochs": str(epochs), "nnUNet_fseft_iters_per_epoch": str(iters), **env}
         if self.device == "cpu":
-            env["nnUNet_n_proc_DA"] = "0"
+            env.setdefault("nnUNet_n_proc_DA", "0")  # one process: augmentation workers only compete for 2 cores
         t = time.time()
-        out = self.run(["nnUNetv2_train", dataset, "3d_fullres", fold, "-p", plans, "-tr", trainer,
-                        "-device", self.device], **env)
-        return out, time.time() - t
+        self.run(["nnUNetv2_train", dataset, "3d_fullres", fold, "-p", plans, "-tr", trainer, "-device", self.device],
+                 **env)
+        return time.time() - t
+
+    def train_foundation(self, dataset_id: int, name: str):
+        """A small foundation on the base organs (scanner A), trained unless it is there already;
+        returns its model folder and the seconds its training took (0 if it was there)."""
+        from nnunet_fseft.plans_presets import apply_preset
+        from nnunet_fseft.synth import synth_dataset
+        preset = "cpu_tiny" if self.device == "cpu" else "cpu_small"
+        folder = os.path.join(os.environ["nnUNet_results"], f"Dataset{dataset_id:03d}_{name}",
+                              f"nnUNetTrainerFSEFT_Pretrain__nnUNetPlans_{preset}__3d_fullres")
+        if os.path.isfile(os.path.join(folder, "fold_all", "checkpoint_final.pth")):
+            return folder, 0.0
+        self.say(f"foundation: {', '.join(BASE_ORGANS)} on scanner A (nnUNetv2_plan_and_preprocess, nnUNetv2_train)")
+        synth_dataset(dataset_id, 16, BASE_ORGANS, seed=0, name=name, shape=(SHAPE,) * 3)
+        self.run(["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", "3d_fullres", "-np", "2"])
+        plans = apply_preset(str(dataset_id), preset)
+        assert os.path.basename(folder).split("__")[1] == plans, plans
+        seconds = self.train(dataset_id, "all", plans, "nnUNetTrainerFSEFT_Pretrain", SCHEDULES[self.device]["foundation"])
+        self.say(f"   foundation trained in {seconds:.0f} s")
+        return folder, seconds
+
+
+def _show_epoch(line: str) -> None:
+    m = re.search(r"Epoch (\d+)$", line.strip())
+    if m and int(m.group(1)) % 5 == 0:
+        print(f"          epoch {m.group(1)}", flush=True)
 
 
 def run_demo(workdir: str, device: str = "cpu") -> dict:
     if os.path.isdir(workdir) and os.listdir(workdir):
-        raise FileExistsError(f"{workdir} is not empty; pass another --workdir or remove it.")
+        raise InputError(f"{workdir} is not empty; pass another --workdir or remove it.")
     if device == "cuda":
         import torch
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was given but torch sees no GPU; use --device cpu.")
+            raise InputError("--device cuda was given but torch sees no GPU; use --device cpu.")
+    from nnunet_fseft.costs import method_costs
     from nnunet_fseft.kshot import write_kshot_splits
-    from nnunet_fseft.plans_presets import apply_preset
+    from nnunet_fseft.plans_io import load_plans
     from nnunet_fseft.synth import synth_dataset
+    from nnunet_fseft.trainers import METHODS as TRAINERS
 
     d = Demo(workdir, device)
-    schedule = SCHEDULES[device]
     d.say(f"workdir {d.workdir}; nnU-Net output goes to {d.log}")
-    d.say(f"1/6 synthesising foundation data ({', '.join(BASE_ORGANS)}; scanner A) and a target with a "
-          f"novel organ ({NOVEL_ORGAN}; scanner B)")
-    synth_dataset(FOUNDATION_ID, 16, BASE_ORGANS, seed=0, name="DemoFoundation", shape=(SHAPE,) * 3)
+    d.say(f"1/6 synthesising the target: a novel organ ({NOVEL_ORGAN}) on scanner B")
     synth_dataset(TARGET_ID, 12, [NOVEL_ORGAN], seed=1, name="DemoTarget", scanner="B", num_test=8,
                   shape=(SHAPE,) * 3)
-
-    d.say("2/6 planning, preprocessing and training the foundation (nnUNetv2_plan_and_preprocess, nnUNetv2_train)")
-    d.run(["nnUNetv2_plan_and_preprocess", "-d", FOUNDATION_ID, "-c", "3d_fullres", "-np", "2"])
-    plans = apply_preset(str(FOUNDATION_ID), "cpu_tiny" if device == "cpu" else "cpu_small")
-    _, foundation_time = d.train(FOUNDATION_ID, "all", plans, "nnUNetTrainerFSEFT_Pretrain", schedule["foundation"])
-    foundation = os.path.join(d.env["nnUNet_results"], "Dataset100_DemoFoundation",
-                              f"nnUNetTrainerFSEFT_Pretrain__{plans}__3d_fullres")
-    d.say(f"   foundation trained in {foundation_time:.0f} s")
+    d.say("2/6 synthesising, planning, preprocessing and training the foundation")
+    foundation, foundation_time = d.train_foundation(FOUNDATION_ID, "DemoFoundation")
 
     d.say(f"3/6 adopting the foundation for the target and drawing a {K}-shot split")
     d.adopt(foundation, TARGET_ID)
     write_kshot_splits(str(TARGET_ID), K, repeats=1, seed=0, test=2)
+    plans, dataset_json = load_plans(str(TARGET_ID), "FSEFTPlans")
+    trainers = [f"nnUNetTrainerFSEFT_{m}" for m in METHODS]
+    costs = {c["method"]: c for c in method_costs(plans, dataset_json, "3d_fullres", [TRAINERS[t] for t in trainers])}
 
     rows = []
-    target = os.path.join(d.env["nnUNet_raw"], "Dataset501_DemoTarget")
-    for i, method in enumerate(METHODS):
-        trainer = f"nnUNetTrainerFSEFT_{method}"
+    target = os.path.join(os.environ["nnUNet_raw"], "Dataset501_DemoTarget")
+    for i, (method, trainer) in enumerate(zip(METHODS, trainers)):
         d.say(f"4/6 fine-tuning with {method} ({i + 1}/{len(METHODS)})")
-        out, seconds = d.train(TARGET_ID, 0, "FSEFTPlans", trainer, schedule["finetune"])
-        trainable, total = (int(x.replace(",", "")) for x in
-                            re.search(r"training ([\d,]+) of ([\d,]+) parameters", out).groups())
+        seconds = d.train(TARGET_ID, 0, "FSEFTPlans", trainer, SCHEDULES[device]["finetune"])
         d.say(f"5/6 predicting {NOVEL_ORGAN} on the 8 held-out scans with {method} (nnUNetv2_predict) and scoring them")
         pred = os.path.join(d.workdir, "predictions", method)
         d.run(["nnUNetv2_predict", "-i", os.path.join(target, "imagesTs"), "-o", pred, "-d", TARGET_ID,
@@ -129,8 +134,8 @@ def run_demo(workdir: str, device: str = "cpu") -> dict:
         d.run(["nnUNetv2_evaluate_simple", os.path.join(target, "labelsTs"), pred, "-l", 1, "-np", 2])
         with open(os.path.join(pred, "summary.json")) as f:
             dice = json.load(f)["foreground_mean"]["Dice"]
-        rows.append({"method": method, "K": K, "dice": round(dice, 4), "trainable_parameters": trainable,
-                     "total_parameters": total, "train_seconds": round(seconds, 1)})
+        rows.append({"method": method, "K": K, "dice": round(dice, 4), "trainable_parameters": costs[trainer]["trainable"],
+                     "total_parameters": costs[trainer]["total"], "train_seconds": round(seconds, 1)})
 
     d.say("6/6 results (Dice of the novel organ on 8 held-out scans)")
     print(f"\n{'method':<8} {'K':>2} {'Dice':>6} {'trainable':>11} {'of total':>9} {'wall time':>10}")

@@ -1,9 +1,7 @@
 """The foundation a target dataset was adopted with: where its record lives, and how its
 weights are read and checked against a network before they are loaded."""
-import contextlib
 import functools
 import hashlib
-import io
 import os
 import pickle
 from typing import Dict, Optional
@@ -12,7 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from nnunet_fseft.parameters import head_names
+from nnunet_fseft.anatomy import head_names
+from nnunet_fseft.errors import InputError
+from nnunet_fseft.runner import quiet
 from nnunet_fseft.tuners import is_adapter_parameter
 
 # `nnunet-fseft adopt` writes this key into the plans; nnU-Net ignores keys it does not know.
@@ -41,17 +41,17 @@ _SAFE_GLOBALS = [_NUMPY_CORE.multiarray.scalar, np.dtype, np.float64, np.float32
 def read_checkpoint(path: str) -> dict:
     """Reads an nnU-Net checkpoint onto the CPU without running pickled code."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Foundation checkpoint {path} does not exist; check the model folder, "
-                                f"fold and --checkpoint given to `nnunet-fseft adopt`.")
+        raise InputError(f"Foundation checkpoint {path} does not exist; check the model folder, "
+                         f"fold and --checkpoint given to `nnunet-fseft adopt`.")
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} is not a readable nnU-Net checkpoint ({first}); "
+        raise InputError(f"{path} is not a readable nnU-Net checkpoint ({first}); "
                          f"point --foundation at an nnU-Net results folder trained with nnUNetv2_train.") from None
     if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
-        raise ValueError(f"{path} is not an nnU-Net checkpoint (it has no 'network_weights'); "
+        raise InputError(f"{path} is not an nnU-Net checkpoint (it has no 'network_weights'); "
                          f"point --foundation at an nnU-Net results folder trained with nnUNetv2_train.")
     return ckpt
 
@@ -69,26 +69,29 @@ def foundation_weights(network: nn.Module, weights: Dict[str, torch.Tensor],
         if is_adapter_parameter(k) or k in head:
             continue
         if k not in weights:
-            raise ValueError(f"Foundation {source} has no tensor '{k}' that the network needs; {hint}.")
+            raise InputError(f"Foundation {source} has no tensor '{k}' that the network needs; {hint}.")
         if tuple(weights[k].shape) != tuple(v.shape):
-            raise ValueError(f"Tensor '{k}' has shape {tuple(weights[k].shape)} in foundation {source} but "
+            raise InputError(f"Tensor '{k}' has shape {tuple(weights[k].shape)} in foundation {source} but "
                              f"{tuple(v.shape)} in the network; {hint}.")
     for k in weights:
         if k not in network_state and k not in head:
-            raise ValueError(f"Foundation {source} has a tensor '{k}' that the network lacks; {hint}.")
+            raise InputError(f"Foundation {source} has a tensor '{k}' that the network lacks; {hint}.")
     return {k: v for k, v in weights.items() if k not in head}
 
 
 def read_foundation(record: dict) -> dict:
     """The recorded foundation's checkpoint (weights with the head, mirroring axes), after checking
     it is the very file that was adopted: repeats and methods must all start from the same weights."""
-    path = record["checkpoint"]
+    path, recorded = record["checkpoint"], record["sha256"]
+    # A model trained on the foundation needs that very file: adopting another one helps only a new training.
+    fix = (f"put the foundation checkpoint with sha256 {recorded} back at {path} (a model trained on it needs "
+           f"that very file), or, to train anew on another file, run `nnunet-fseft adopt` again")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"The foundation checkpoint {path} that `nnunet-fseft adopt` recorded is missing; "
-                                f"restore it there (or rebuild the model folder with `nnunet-fseft import --foundation`).")
-    if sha256(path) != record["sha256"]:
-        raise ValueError(f"Foundation {path} changed since `nnunet-fseft adopt` recorded it; "
-                         f"adopt it again (or restore the original file).")
+        raise InputError(f"The foundation checkpoint {path} that `nnunet-fseft adopt` recorded is missing; {fix}.")
+    found = sha256(path)
+    if found != recorded:
+        raise InputError(f"Foundation {path} changed since `nnunet-fseft adopt` recorded it (its sha256 is now "
+                         f"{found[:12]}…); {fix}.")
     return read_checkpoint(path)
 
 
@@ -121,10 +124,10 @@ def find_trainer(name: str):
     """nnU-Net's trainer class of that name (nnunetv2 and the nnUNet_extTrainer folders), quietly."""
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints every module it inspects
+        with quiet():  # it prints every module it inspects
             return recursive_find_trainer_class_by_name(name)
     except (RuntimeError, AssertionError):
-        raise ValueError(f"Trainer {name} cannot be found; install the package that defines it "
+        raise InputError(f"Trainer {name} cannot be found; install the package that defines it "
                          f"(or add its folder to nnUNet_extTrainer).") from None
 
 

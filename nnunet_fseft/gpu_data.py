@@ -14,7 +14,6 @@ CPU workers. What is sampled stays nnU-Net's:
 A transform without a device op (cascade, regions, elastic deformation...) is refused before
 training starts. CPU augmentation stays the default and the fallback.
 """
-import math
 import os
 from typing import Dict, List, Optional
 
@@ -24,6 +23,8 @@ import torch.nn.functional as F
 from batchgeneratorsv2.helpers.scalar_type import sample_scalar
 from batchgeneratorsv2.transforms.spatial.spatial import create_affine_matrix_2d, create_affine_matrix_3d
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+
+from nnunet_fseft.errors import InputError
 
 ENV = "nnUNet_fseft_gpu_data"
 
@@ -37,7 +38,7 @@ def gpu_data_enabled(default: bool) -> bool:
         return True
     if value.strip().lower() in ("0", "f", "false", "no", "off", ""):
         return False
-    raise ValueError(f"{ENV} must be 1 or 0, got '{value}'; fix or unset it.")
+    raise InputError(f"{ENV} must be 1 or 0, got '{value}'; fix or unset it.")
 
 
 class Unsupported(ValueError):
@@ -404,10 +405,10 @@ class DeviceAugmentation:
                 else:
                     raise Unsupported(name)
             except Unsupported as e:
-                raise ValueError(f"The GPU data path has no device version of this trainer's augmentation ({e}); "
+                raise InputError(f"The GPU data path has no device version of this trainer's augmentation ({e}); "
                                  f"train with CPU augmentation: gpu_data = False or {ENV}=0.") from None
         if not self.ops or not isinstance(self.ops[0], Spatial):
-            raise ValueError(f"The GPU data path needs nnU-Net's SpatialTransform first in the training pipeline; "
+            raise InputError(f"The GPU data path needs nnU-Net's SpatialTransform first in the training pipeline; "
                              f"train with CPU augmentation: gpu_data = False or {ENV}=0.")
 
     def draw(self, b: int, c: int, first_axis: int = 0) -> list:
@@ -450,12 +451,12 @@ class DeviceSupportLoader(nnUNetDataLoader):
         self.augmentation = augmentation
         cases = [dataset.load_case(key) for key in dataset.identifiers]  # arrays stay on disk until read
         if any(seg_prev is not None for _, _, seg_prev, _ in cases):
-            raise ValueError("The GPU data path does not serve cascades (previous-stage segmentations); "
+            raise InputError("The GPU data path does not serve cascades (previous-stage segmentations); "
                              f"train with CPU augmentation: gpu_data = False or {ENV}=0.")
         self.nbytes = sum(int(np.prod(d.shape)) * 4 + int(np.prod(s.shape)) * 2 for d, s, _, _ in cases)
         too_big = support_too_big(self.nbytes, device)
         if too_big:
-            raise ValueError(f"The GPU data path cannot hold this support set: {too_big}; train with CPU "
+            raise InputError(f"The GPU data path cannot hold this support set: {too_big}; train with CPU "
                              f"augmentation: gpu_data = False or {ENV}=0.")
         self.cases: Dict[str, tuple] = {
             key: (torch.from_numpy(np.ascontiguousarray(data[:])).float().to(device),

@@ -6,6 +6,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from nnunet_fseft.errors import InputError
 from nnunet_fseft.labels import describe_matches, match_labels
 
 
@@ -28,7 +29,7 @@ def initialise_head(heads: Sequence[nn.Module], foundation_heads: Sequence[Tuple
     """Copies the foundation's rows into each new head conv (deep-supervision heads each from their own)."""
     for head, (weight, bias) in zip(heads, foundation_heads):
         if head.weight.shape[1:] != weight.shape[1:]:
-            raise ValueError(f"The foundation's head takes {weight.shape[1]} features but the new head takes "
+            raise InputError(f"The foundation's head takes {weight.shape[1]} features but the new head takes "
                              f"{head.weight.shape[1]}; train with the plans `nnunet-fseft adopt` wrote for this foundation.")
         for t, f in rows:
             head.weight[t].copy_(weight[f])

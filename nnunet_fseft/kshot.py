@@ -8,22 +8,24 @@ import os
 
 import numpy as np
 
+from nnunet_fseft.dataset_json import read_dataset_json
+from nnunet_fseft.errors import InputError
 from nnunet_fseft.safety import dataset_name, require_env, save_json_kept
 
 
 def training_cases(name: str) -> list:
-    from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
     folder = os.path.join(require_env("nnUNet_raw"), name)
-    return sorted(get_filenames_of_train_images_and_targets(folder, load_json(os.path.join(folder, "dataset.json"))))
+    dataset_json = read_dataset_json(os.path.join(folder, "dataset.json"))
+    return sorted(get_filenames_of_train_images_and_targets(folder, dataset_json))
 
 
 def kshot_splits(cases: list, k: int, repeats: int, seed: int, test: int) -> list:
     cases = sorted(cases)
     if k < 1 or repeats < 1 or test < 1:
-        raise ValueError("-k, --repeats and --test must each be at least 1.")
+        raise InputError("-k, --repeats and --test must each be at least 1.")
     if k + test > len(cases):
-        raise ValueError(f"The dataset has {len(cases)} training cases, fewer than K + test = {k} + {test}; "
+        raise InputError(f"The dataset has {len(cases)} training cases, fewer than K + test = {k} + {test}; "
                          f"lower -k or --test.")
     held_out = sorted(np.random.RandomState(seed).choice(cases, test, replace=False).tolist())
     pool = [c for c in cases if c not in held_out]
@@ -40,3 +42,12 @@ def write_kshot_splits(dataset: str, k: int, repeats: int = 3, seed: int = 0, te
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "splits_final.json")
     return path, splits, save_json_kept(splits, path)
+
+
+def identical_folds(splits: list) -> list:
+    """Groups (lists of fold numbers, more than one) of folds that train on the same support cases:
+    with K equal to (or close to) the cases outside the held-out set, repeats draw the same set."""
+    folds = {}
+    for r, fold in enumerate(splits):
+        folds.setdefault(tuple(fold["train"]), []).append(r)
+    return [group for group in folds.values() if len(group) > 1]

@@ -8,16 +8,17 @@ from typing import Tuple
 import torch
 from torch import nn
 
-from nnunet_fseft.foundation import find_trainer, read_checkpoint
+from nnunet_fseft.dataset_json import read_json
+from nnunet_fseft.errors import InputError
+from nnunet_fseft.foundation import PLANS_KEY, find_trainer, read_checkpoint
 from nnunet_fseft.safety import keep_existing, save_json_kept
 
 
 def load_json(path: str) -> dict:
-    from batchgenerators.utilities.file_and_folder_operations import load_json as _load
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist; pass an nnU-Net model folder "
-                                f"(…/DatasetXXX_NAME/TRAINER__PLANS__CONFIGURATION).")
-    return _load(path)
+        raise InputError(f"{path} does not exist; pass an nnU-Net model folder "
+                         f"(…/DatasetXXX_NAME/TRAINER__PLANS__CONFIGURATION).")
+    return read_json(path, "pass a model folder as nnUNetv2_train wrote it")
 
 
 def build_network(trainer_class, plans: dict, dataset_json: dict, configuration: str,
@@ -38,8 +39,8 @@ def checkpoint_path(folder: str, fold: str, checkpoint: str) -> str:
     if not os.path.isfile(path):
         found = sorted(f"{d}/{c}" for d in (os.listdir(folder) if os.path.isdir(folder) else [])
                        if d.startswith("fold_") for c in os.listdir(os.path.join(folder, d)) if c.endswith(".pth"))
-        raise FileNotFoundError(f"{folder} holds no fold_{fold}/{checkpoint}; available: "
-                                f"{', '.join(found) or 'none (is it an nnU-Net model folder, and is training finished?)'}.")
+        raise InputError(f"{folder} holds no fold_{fold}/{checkpoint}; available: "
+                         f"{', '.join(found) or 'none (is it an nnU-Net model folder, and is training finished?)'}.")
     return path
 
 
@@ -54,10 +55,48 @@ def load_model(folder: str, fold: str, checkpoint: str = "checkpoint_final.pth")
     own, saved = set(network.state_dict()), set(ckpt["network_weights"])
     if own != saved:
         first = sorted(own - saved)[:1] or sorted(saved - own)[:1]
-        raise ValueError(f"{path} does not fit the network {ckpt['trainer_name']} builds from {folder}/plans.json "
+        raise InputError(f"{path} does not fit the network {ckpt['trainer_name']} builds from {folder}/plans.json "
                          f"(first differing tensor: {first[0]}); was it written by another nnunet-fseft version?")
     network.load_state_dict(ckpt["network_weights"])
     return trainer_class, plans, dataset_json, ckpt, network
+
+
+def require_fseft_trainer(trainer_class, folder: str) -> None:
+    from nnunet_fseft.trainers import nnUNetTrainerFSEFT
+    if not issubclass(trainer_class, nnUNetTrainerFSEFT):
+        raise InputError(f"{folder} was trained with {trainer_class.__name__}, not an nnunet-fseft method; "
+                         f"export and merge work on models trained with nnUNetTrainerFSEFT_* trainers.")
+
+
+def refuse_foundation_folder(out_folder: str, foundations) -> None:
+    """A model folder is never written where a foundation lives (in it, above it or below it): every
+    dataset adopted from that foundation checks its checkpoint's sha256. `foundations` are the model
+    folders we were given; those recorded by any adopted plans in nnUNet_preprocessed are added."""
+    out = os.path.realpath(out_folder)
+    for foundation in set(foundations) | recorded_foundation_folders():
+        f = os.path.realpath(foundation)
+        if out == f or out.startswith(f + os.sep) or f.startswith(out + os.sep):
+            raise InputError(f"-o {out_folder} would write into the foundation model folder {foundation} (or a "
+                             f"folder holding it), whose checkpoint adopted datasets check; pass an -o of its own.")
+
+
+def recorded_foundation_folders() -> set:
+    """The model folders of the foundations that plans in nnUNet_preprocessed record."""
+    import json
+    root, found = os.environ.get("nnUNet_preprocessed"), set()
+    for dataset in (os.listdir(root) if root and os.path.isdir(root) else []):
+        folder = os.path.join(root, dataset)
+        for f in (os.listdir(folder) if os.path.isdir(folder) else []):
+            if not f.endswith(".json") or f in ("dataset.json", "dataset_fingerprint.json", "splits_final.json"):
+                continue
+            try:
+                with open(os.path.join(folder, f)) as file:
+                    record = json.load(file).get(PLANS_KEY)
+            except (OSError, ValueError, AttributeError):  # not plans of ours: nothing recorded
+                continue
+            if isinstance(record, dict) and record.get("model_folder"):
+                found.add(record["model_folder"])
+    return found
 
 
 def write_model(folder: str, fold: str, checkpoint: str, plans: dict, dataset_json: dict, trainer_name: str,

@@ -10,6 +10,7 @@ from torch import nn
 
 from nnunet_fseft.anatomy import anatomy, within
 from nnunet_fseft.blackbox import frozen_foundation
+from nnunet_fseft.errors import InputError
 from nnunet_fseft.tuners import is_adapter_parameter
 
 # Normalisation layers whose scale and shift AffineNorm trains (LayerNormNd: Primus's decoder).
@@ -38,19 +39,13 @@ def parameter_groups(network: nn.Module) -> Dict[str, Set[str]]:
     }
 
 
-def head_names(network: nn.Module) -> Set[str]:
-    """State-dict keys of the head (replaced for every target, so never taken from a foundation)."""
-    heads = anatomy(network).head
-    return {k for k in network.state_dict() if within(k.rsplit(".", 1)[0], heads)}
-
-
 def freeze(network: nn.Module, trainable: Iterable[str]) -> None:
     """Sets requires_grad on exactly the parameters of the named groups."""
     trainable = list(trainable)
     groups = parameter_groups(network)
     unknown = [g for g in trainable if g not in groups]
     if unknown:
-        raise ValueError(f"Unknown parameter group(s) {unknown}; known groups: {list(groups)}.")
+        raise InputError(f"Unknown parameter group(s) {unknown} in `trainable`; use groups from {list(groups)}.")
     chosen = set().union(*(groups[g] for g in trainable))
     for name, p in network.named_parameters():
         p.requires_grad_(name in chosen)

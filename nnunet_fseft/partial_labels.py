@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from nnunet_fseft.combine import ANNOTATIONS_KEY
+from nnunet_fseft.dataset_json import ANNOTATIONS_KEY
+from nnunet_fseft.errors import InputError
 
 
 def find_annotations(dataset_json: dict, dataset_name: str, preprocessed_folder: str) -> Optional[dict]:
@@ -45,8 +46,8 @@ def find_annotations(dataset_json: dict, dataset_name: str, preprocessed_folder:
             if folder != preprocessed_folder and os.path.isdir(preprocessed_folder):
                 shutil.copy2(path, os.path.join(preprocessed_folder, name))
             return annotations
-    raise FileNotFoundError(f"{dataset_name} was pooled by nnunet-fseft combine but its {name} is in none of "
-                            f"{places}; copy it from the pooled raw dataset into {preprocessed_folder}.")
+    raise InputError(f"{dataset_name} was pooled by nnunet-fseft combine but its {name} is in none of "
+                     f"{places}; copy it from the pooled raw dataset into {preprocessed_folder}.")
 
 
 def _check_annotations(annotations: dict, path: str) -> None:
@@ -54,7 +55,7 @@ def _check_annotations(annotations: dict, path: str) -> None:
     for case, a in annotations["cases"].items():
         source = annotations["sources"].get(a["source"])
         if source is None or sorted(a["annotated"]) != sorted(source["annotated"]):
-            raise ValueError(f"In {path} case {case} does not annotate what its source {a['source']} does; "
+            raise InputError(f"In {path} case {case} does not annotate what its source {a['source']} does; "
                              f"every case of a source must list the same classes (split the source otherwise).")
 
 

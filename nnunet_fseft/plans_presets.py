@@ -7,6 +7,7 @@ import json
 import os
 from importlib import resources
 
+from nnunet_fseft.errors import InputError
 from nnunet_fseft.safety import dataset_name, require_env, save_json_kept
 
 
@@ -14,7 +15,7 @@ def preset(name: str) -> dict:
     files = resources.files("nnunet_fseft.plans")
     known = sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".json"))
     if name not in known:
-        raise ValueError(f"Unknown plans preset '{name}'; known presets: {', '.join(known)}.")
+        raise InputError(f"Unknown plans preset '{name}'; known presets: {', '.join(known)}.")
     return json.loads((files / f"{name}.json").read_text())
 
 
@@ -25,7 +26,7 @@ def apply_preset(dataset: str, preset_name: str, source_plans: str = "nnUNetPlan
     folder = os.path.join(require_env("nnUNet_preprocessed"), dataset_name(dataset))
     src = os.path.join(folder, source_plans + ".json")
     if not os.path.isfile(src):
-        raise FileNotFoundError(f"Plans {src} do not exist; run nnUNetv2_plan_and_preprocess for the dataset first.")
+        raise InputError(f"Plans {src} do not exist; run nnUNetv2_plan_and_preprocess for the dataset first.")
     with open(src) as f:
         plans = json.load(f)
     arch = plans["configurations"][configuration]["architecture"]["arch_kwargs"]

@@ -4,12 +4,14 @@ import os
 import shutil
 import time
 
+from nnunet_fseft.errors import InputError
+
 
 def require_env(name: str) -> str:
     value = os.environ.get(name)
     if not value:
-        raise RuntimeError(f"The environment variable {name} is not set; export it to the folder nnU-Net uses "
-                           f"for it (see nnU-Net's documentation/setting_up_paths.md).")
+        raise InputError(f"The environment variable {name} is not set; export it to the folder nnU-Net uses "
+                         f"for it (see nnU-Net's documentation/setting_up_paths.md).")
     return value
 
 
@@ -23,15 +25,15 @@ def dataset_name(dataset: str) -> str:
         prefix = f"Dataset{int(text):03d}_"
         found = sorted(d for d in os.listdir(raw) if d.startswith(prefix)) if os.path.isdir(raw) else []
     else:
-        raise ValueError(f"'{dataset}' is neither a dataset id nor a DatasetXXX_NAME; pass e.g. -d 501.")
+        raise InputError(f"'{dataset}' is neither a dataset id nor a DatasetXXX_NAME; pass e.g. -d 501.")
     if not found:
-        raise FileNotFoundError(f"Dataset {dataset} does not exist in nnUNet_raw ({raw}); "
-                                f"create it there first (or check the id).")
+        raise InputError(f"Dataset {dataset} does not exist in nnUNet_raw ({raw}); "
+                         f"create it there first (or check the id).")
     if len(found) > 1:
-        raise ValueError(f"Dataset id {dataset} matches several folders in nnUNet_raw ({', '.join(found)}); "
+        raise InputError(f"Dataset id {dataset} matches several folders in nnUNet_raw ({', '.join(found)}); "
                          f"rename one or pass the full name.")
     if not os.path.isfile(os.path.join(raw, found[0], "dataset.json")):
-        raise FileNotFoundError(f"{os.path.join(raw, found[0])} has no dataset.json; it is not an nnU-Net raw dataset.")
+        raise InputError(f"{os.path.join(raw, found[0])} has no dataset.json; it is not an nnU-Net raw dataset.")
     return found[0]
 
 

@@ -55,14 +55,15 @@ def support_volumes(segmentations: Sequence[np.ndarray], num_classes: int, voxel
 def query_images(dataset_name: str, file_ending: str) -> List[List[str]]:
     """Image files per query case: the folder named by nnUNet_fseft_query, else the dataset's imagesTs."""
     from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
+    from nnunet_fseft.errors import InputError
     from nnunet_fseft.safety import require_env
     folder = os.environ.get(QUERY_ENV) or os.path.join(require_env("nnUNet_raw"), dataset_name, "imagesTs")
     source = QUERY_ENV if os.environ.get(QUERY_ENV) else "the dataset's imagesTs"
     cases = create_lists_from_splitted_dataset_folder(folder, file_ending) if os.path.isdir(folder) else []
     if not cases:
-        raise FileNotFoundError(f"Transductive inference needs unlabelled query images, but {source} ({folder}) "
-                                f"holds no *_0000{file_ending} files; put them there or point {QUERY_ENV} at a folder "
-                                f"of them.")
+        raise InputError(f"Transductive inference needs unlabelled query images, but {source} ({folder}) "
+                         f"holds no *_0000{file_ending} files; put them there or point {QUERY_ENV} at a folder "
+                         f"of them.")
     return cases
 
 

@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 
+from nnunet_fseft.errors import InputError
 from nnunet_fseft.foundation import build_foundation, recorded_foundation
 from nnunet_fseft.labels import match_labels
 from nnunet_fseft.safety import dataset_name, keep_existing, require_env
@@ -21,11 +22,11 @@ def held_out_cases(name: str, fold: int) -> list:
     from batchgenerators.utilities.file_and_folder_operations import load_json
     path = os.path.join(require_env("nnUNet_preprocessed"), name, "splits_final.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist; draw the K-shot splits first with "
-                                f"`nnunet-fseft kshot -d {name} -k K` (their held-out cases are what zeroshot scores).")
+        raise InputError(f"{path} does not exist; draw the K-shot splits first with "
+                         f"`nnunet-fseft kshot -d {name} -k K` (their held-out cases are what zeroshot scores).")
     splits = load_json(path)
     if not 0 <= fold < len(splits):
-        raise ValueError(f"{path} has {len(splits)} folds; pass -f between 0 and {len(splits) - 1}.")
+        raise InputError(f"{path} has {len(splits)} folds; pass -f between 0 and {len(splits) - 1}.")
     return splits[fold]["val"]
 
 
@@ -39,27 +40,27 @@ def zeroshot(dataset: str, plans_name: str = "FSEFTPlans", fold: int = 0, out: s
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
-    from nnunet_fseft.adapter_file import load_plans
+    from nnunet_fseft.plans_io import load_plans
 
     name = dataset_name(dataset)
     plans, dataset_json = load_plans(name, plans_name)
     record = recorded_foundation(plans)
     if record is None:
-        raise ValueError(f"Plans {plans_name} of {name} record no foundation; run `nnunet-fseft adopt` for {name} "
+        raise InputError(f"Plans {plans_name} of {name} record no foundation; run `nnunet-fseft adopt` for {name} "
                          f"(or pass its plans with -p).")
     if any(not isinstance(v, int) for v in record["labels"].values()):
-        raise ValueError("The foundation predicts regions (overlapping sigmoid outputs), which cannot be renamed to "
+        raise InputError("The foundation predicts regions (overlapping sigmoid outputs), which cannot be renamed to "
                          "target labels; zeroshot needs a foundation trained on plain labels.")
     matches = match_labels(dataset_json["labels"], record["labels"])
     if not matches:
-        raise ValueError(f"No label of {name} ({', '.join(n for n in dataset_json['labels'] if n != 'background')}) "
+        raise InputError(f"No label of {name} ({', '.join(n for n in dataset_json['labels'] if n != 'background')}) "
                          f"is a class the foundation knows ({', '.join(n for n in record['labels'] if n != 'background')}); "
                          f"zero-shot needs at least one (rename the label if it is the same structure).")
     cases = get_filenames_of_train_images_and_targets(os.path.join(require_env("nnUNet_raw"), name), dataset_json)
     held_out = held_out_cases(name, fold)
     missing = [c for c in held_out if c not in cases]
     if missing:
-        raise ValueError(f"Held-out case {missing[0]} of splits_final.json is not in {name}'s imagesTr; draw the "
+        raise InputError(f"Held-out case {missing[0]} of splits_final.json is not in {name}'s imagesTr; draw the "
                          f"splits again with `nnunet-fseft kshot`.")
     configuration = record["configuration"]
     out = out or os.path.join(require_env("nnUNet_results"), name, f"{OUTPUT_PREFIX}__{plans_name}__{configuration}")

@@ -3,20 +3,19 @@
 Everything runs through the real `nnUNetv2_*` and `nnunet-fseft` commands in
 subprocesses, on 32^3 synthetic volumes with a narrow network (plans preset cpu_tiny).
 """
-import glob
 import os
-import subprocess
-import sys
 
 import pytest
 
-FOUNDATION_ID, TARGET_ID, BASE_TARGET_ID = "100", "501", "503"
-# The foundation's four organs (liver 1, spleen 2, kidney_left 3, kidney_right 4) under other names
-# and in another order: zero-shot matching must find every one and map each to its own channel.
-BASE_TARGET_ORGANS = ["spleen", "liver", "kidney_right", "kidney_left"]
-BASE_TARGET_LABELS = {"background": 0, "lien": 1, "Liver": 2, "Kidney_R": 3, "left kidney": 4}
-FOUNDATION_TO_BASE_TARGET = {0: 0, 1: 2, 2: 1, 3: 4, 4: 3}  # foundation label -> target label
-BIN = os.path.dirname(sys.executable)  # the commands installed beside this interpreter
+from helpers import BASE_TARGET_ID, BASE_TARGET_LABELS, BASE_TARGET_ORGANS, FOUNDATION_ID, TARGET_ID, TRAIN_ENV, run
+
+
+def pytest_collection_modifyitems(items):
+    """A test is end-to-end (marker e2e) when it needs the nnU-Net workspace, i.e. drives the
+    real nnUNetv2_* commands: derived from its fixtures, so no test can be forgotten."""
+    for item in items:
+        if "workspace" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(scope="module")
@@ -29,50 +28,6 @@ def single_thread():
     torch.set_num_threads(before)
 
 
-def run(args, env=None, check=True, timeout=900):
-    """Runs a command of this environment; returns CompletedProcess (stdout+stderr in .stdout)."""
-    cmd = [os.path.join(BIN, args[0])] + [str(a) for a in args[1:]]
-    p = subprocess.run(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                       text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}:\n{p.stdout[-4000:]}")
-    return p
-
-
-def images(workspace):
-    """The target's unlabelled test images."""
-    return workspace / "nnUNet_raw" / "Dataset501_SynthCTB" / "imagesTs"
-
-
-def segmentations(folder):
-    """The two predicted segmentations in a folder, as arrays."""
-    import SimpleITK as sitk
-    files = sorted(glob.glob(os.path.join(folder, "*.nii.gz")))
-    assert len(files) == 2, files
-    return [sitk.GetArrayFromImage(sitk.ReadImage(f)) for f in files]
-
-
-WITHOUT_PLUGIN = """
-import os, sys
-if __name__ == "__main__":  # nnU-Net's spawned preprocessing workers import this file again
-    # nnU-Net as a colleague without nnunet-fseft has it: our package cannot be imported, and
-    # nnU-Net searches no folder of ours for trainers.
-    for name in list(sys.modules):
-        if name.startswith("nnunet_fseft"):
-            del sys.modules[name]
-    sys.modules["nnunet_fseft"] = None
-    os.environ["nnUNet_extTrainer"] = os.pathsep.join(
-        p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if "nnunet_fseft" not in p)
-    from nnunetv2.inference.predict_from_raw_data import predict_entry_point_modelfolder
-    sys.argv = ["nnUNetv2_predict_from_modelfolder"] + sys.argv[1:]
-    predict_entry_point_modelfolder()
-"""
-
-
-# Training only: nnUNet_n_proc_DA=0 crashes nnUNetv2_plan_and_preprocess (torch.set_num_threads(0)).
-TRAIN_ENV = {"nnUNet_n_proc_DA": "0", "nnUNet_fseft_epochs": "2", "nnUNet_fseft_iters_per_epoch": "3"}
-
-
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("nnunet")
@@ -82,6 +37,9 @@ def workspace(tmp_path_factory):
         mp.setenv(var, str(root / var))
     mp.setenv("nnUNet_compile", "f")
     mp.setenv("nnUNet_def_n_proc", "2")  # nnU-Net's default of 8 export workers is slow on 2 cores
+    # exported as the README advises for small CPU runs: every command we run must cope with it,
+    # nnUNetv2_plan_and_preprocess included (its planner cannot take 0)
+    mp.setenv("nnUNet_n_proc_DA", "0")
     yield root
     mp.undo()
 

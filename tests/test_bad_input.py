@@ -8,15 +8,8 @@ import sys
 import pytest
 import torch
 
-from conftest import TARGET_ID, TRAIN_ENV, run
-
-
-def fails_with(args, text, env=None):
-    p = run(args, env=env, check=False)
-    assert p.returncode == 2, p.stdout[-2000:]
-    errors = [line for line in p.stdout.splitlines() if ": error: " in line]
-    assert len(errors) == 1 and text in errors[0], p.stdout[-2000:]
-    return errors[0]
+from helpers import TRAIN_ENV, fails_with, run
+from nnunet_fseft.errors import InputError
 
 
 def test_k_larger_than_dataset(target):
@@ -101,39 +94,46 @@ def test_foundation_whose_weights_do_not_fit_its_plans(workspace, foundation, ta
 
 
 def test_foundation_changed_since_adopt(foundation):
+    """Adopting again helps a new training only: a trained model (a black-box one reads its foundation
+    at every prediction) needs that very file back, so the sentence names its sha256 and path."""
     from nnunet_fseft.foundation import load_foundation
-    record = {"checkpoint": str(foundation / "fold_all" / "checkpoint_final.pth"), "sha256": "0" * 64}
-    with pytest.raises(ValueError, match="changed since `nnunet-fseft adopt`"):
+    path = str(foundation / "fold_all" / "checkpoint_final.pth")
+    record = {"checkpoint": path, "sha256": "0" * 64}
+    with pytest.raises(InputError, match="changed since `nnunet-fseft adopt`") as info:
         load_foundation(torch.nn.Conv3d(1, 1, 1), record)
+    assert f"put the foundation checkpoint with sha256 {'0' * 64} back at {path}" in str(info.value)
+    with pytest.raises(InputError, match="recorded is missing; put the foundation checkpoint with sha256"):
+        load_foundation(torch.nn.Conv3d(1, 1, 1), {**record, "checkpoint": path + ".moved"})
 
 
 # --- params, export, import, merge: checked in-process (the CLI's one-line wrapping is tested above) ---
 
 def test_export_and_merge_refuse_a_model_not_trained_by_a_method(foundation, tmp_path):
-    from nnunet_fseft.adapter_file import export_adapter, merge_model
-    with pytest.raises(ValueError, match="not an nnunet-fseft method"):
+    from nnunet_fseft.adapter_file import export_adapter
+    from nnunet_fseft.merge import merge_model
+    with pytest.raises(InputError, match="not an nnunet-fseft method"):
         export_adapter(str(foundation), str(tmp_path / "a.safetensors"), fold="all")
-    with pytest.raises(ValueError, match="not an nnunet-fseft method"):
+    with pytest.raises(InputError, match="not an nnunet-fseft method"):
         merge_model(str(foundation), str(tmp_path / "merged"))
     assert not (tmp_path / "a.safetensors").exists() and not (tmp_path / "merged").exists()
 
 
 def test_export_names_the_checkpoints_there_are(foundation, tmp_path):
     from nnunet_fseft.adapter_file import export_adapter
-    with pytest.raises(FileNotFoundError, match="available: .*fold_all/checkpoint_final.pth"):
+    with pytest.raises(InputError, match="available: .*fold_all/checkpoint_final.pth"):
         export_adapter(str(foundation), str(tmp_path / "a.safetensors"), fold="3")
 
 
 def test_import_refuses_files_that_are_not_adapter_files(foundation, tmp_path):
     from safetensors.torch import save_file
     from nnunet_fseft.adapter_file import import_adapter
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(InputError, match="does not exist"):
         import_adapter(str(tmp_path / "none.safetensors"), str(foundation), str(tmp_path / "out"))
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
-    with pytest.raises(ValueError, match="not a safetensors file"):
+    with pytest.raises(InputError, match="not a safetensors file"):
         import_adapter(str(tmp_path / "junk.safetensors"), str(foundation), str(tmp_path / "out"))
     save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
-    with pytest.raises(ValueError, match="not an nnunet-fseft adapter file"):
+    with pytest.raises(InputError, match="not an nnunet-fseft adapter file"):
         import_adapter(str(tmp_path / "plain.safetensors"), str(foundation), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from networks import plain2d, plain3d, plans_manager, primus, resenc3d
 from nnunet_fseft.blackbox import build_black_box
+from nnunet_fseft.errors import InputError
 from nnunet_fseft.feature_cache import FeatureDataset, FeatureStore, sliding_window_features
 from nnunet_fseft.head_init import head_rows, initialise_head
 from nnunet_fseft.labels import canonical, match_labels
@@ -84,14 +85,16 @@ def test_spatial_adapter_starts_as_the_linear_probe_and_the_foundation_head_give
 
 
 def test_primus_is_refused_in_one_sentence():
-    with pytest.raises(ValueError, match=r"^Black-box methods read the last decoder features of a conv U-Net[^\n]*\.$"):
+    with pytest.raises(InputError, match=r"^Black-box methods read the last decoder features of a conv U-Net[^\n]*\.$"):
         build_black_box(primus(), "linear_probe", 2)
 
 
 def test_a_checkpoint_from_another_foundation_is_refused():
     a = build_black_box(foundation(), "linear_probe", 2, sha256="a" * 64)
     b = build_black_box(foundation(), "linear_probe", 2, sha256="b" * 64)
-    with pytest.raises(ValueError, match="trained on the foundation with sha256 aaaaaaaaaaaa"):
+    # retraining or adopting again does not bring that foundation back: the sentence names the file it needs
+    with pytest.raises(InputError, match=f"trained on the foundation with sha256 {'a' * 64}.*put the checkpoint "
+                                         f"with sha256 {'a' * 64} where the model folder's plans.json records"):
         b.load_state_dict(a.state_dict())
     b.load_state_dict(build_black_box(foundation(), "linear_probe", 2, sha256="b" * 64).state_dict())
 

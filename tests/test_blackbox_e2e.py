@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import BASE_TARGET_LABELS, FOUNDATION_TO_BASE_TARGET, TRAIN_ENV, images, run, segmentations
+from helpers import BASE_TARGET_LABELS, FOUNDATION_TO_BASE_TARGET, TRAIN_ENV, images, run, segmentations
 from nnunet_fseft.foundation import read_checkpoint, sha256
 
 
@@ -85,9 +85,23 @@ def test_transductive_inference_without_query_images_fails_before_training(works
     assert "Epoch 0" not in p.stdout
 
 
-def test_online_features_train_through_nnunet(workspace, base_target):
-    log = train(base_target, "nnUNetTrainerFSEFT_SpatialAdapterOnline").stdout
-    assert "features: online" in log and "Caching" not in log and "Epoch 1" in log
+def test_online_features_train_through_nnunet(workspace, base_target, foundation):
+    """Online: the frozen foundation computes features from nnU-Net's augmented images at every
+    step; only the adapter learns, nothing is cached, and the checkpoint holds the adapter alone."""
+    trainer = "nnUNetTrainerFSEFT_SpatialAdapterOnline"
+    foundation_file = foundation / "fold_all" / "checkpoint_final.pth"
+    before = sha256(str(foundation_file))
+    log = train(base_target, trainer).stdout
+    assert "features: online" in log and "Caching" not in log
+    fold = model_folder(workspace, "Dataset503_SynthBase", trainer) / "fold_0"
+    ckpt = read_checkpoint(str(fold / "checkpoint_final.pth"))
+    assert ckpt["current_epoch"] == int(TRAIN_ENV["nnUNet_fseft_epochs"])
+    assert all(np.isfinite(ckpt["logging"]["train_losses"]))
+    saved = ckpt["network_weights"]
+    assert {k for k in saved if not k.startswith("adapter.")} == {"_extra_state"}  # no foundation weight
+    assert not saved["adapter.conv2.weight"].eq(0).all()  # the zero-initialised conv learned through the online path
+    assert not any(p.name.startswith("feature_cache") for p in fold.iterdir())
+    assert sha256(str(foundation_file)) == before
 
 
 STEP0 = """

@@ -3,7 +3,7 @@ import os
 import subprocess
 import sys
 
-from conftest import run
+from helpers import run
 
 FIND = ("from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f; "
         "print([f(n).__module__ for n in {names!r}])")
@@ -14,13 +14,6 @@ def find(names, env, cwd):
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-2000:]
     return p.stdout.strip().splitlines()[-1]
-
-
-def test_found_with_no_user_action(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}
-    out = find(["nnUNetTrainerFSEFT_LoRA", "nnUNetTrainerFSEFT_FullFT"], env, tmp_path)
-    # the class found is the package's own, not a copy imported under another name
-    assert out == "['nnunet_fseft.trainers.peft', 'nnunet_fseft.trainers.peft']"
 
 
 def test_found_beside_the_users_own_trainers(tmp_path):
@@ -39,6 +32,21 @@ def test_env_prints_the_export_line():
     assert "export nnUNet_extTrainer=" in out and os.path.join("nnunet_fseft", "nnunet_ext") in out
 
 
-def test_trainers_importable_from_python():
-    from nnunet_fseft.trainers import nnUNetTrainerFSEFT, nnUNetTrainerFSEFT_LoRA
-    assert issubclass(nnUNetTrainerFSEFT_LoRA, nnUNetTrainerFSEFT)
+IDENTITY = ("import nnunet_fseft.trainers as t\n"
+            "from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f\n"
+            "for name, cls in t.METHODS.items():\n"
+            "    found = f(name)\n"
+            "    print('FOUND', name, found is cls, found is getattr(t, name, None))\n")
+
+
+def test_every_method_is_found_with_no_user_action_as_the_class_python_imports(tmp_path):
+    """With nothing exported, nnUNetv2_train -tr NAME and `from nnunet_fseft.trainers import NAME`
+    give the same class for every method: none is missing from the discovery folder, shadowed by
+    one of nnU-Net's, or imported twice (a copy would fail isinstance checks, share no class state)."""
+    from nnunet_fseft.trainers import METHODS
+    p = subprocess.run([sys.executable, "-c", IDENTITY], capture_output=True, text=True, cwd=tmp_path,
+                       env={k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    found = [line.split() for line in p.stdout.splitlines() if line.startswith("FOUND ")]
+    assert [name for _, name, *_ in found] == list(METHODS) and len(METHODS) > 10
+    assert all(same == "True" and exported == "True" for _, _, same, exported in found), found

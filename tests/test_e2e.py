@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import TARGET_ID, TRAIN_ENV, run
+from helpers import TRAIN_ENV, run, segmentations
 from nnunet_fseft.foundation import PLANS_KEY, read_checkpoint
 from nnunet_fseft.tuners import is_adapter_parameter
 
@@ -49,24 +49,42 @@ def test_lora_training_loads_foundation_and_trains_only_adapters(lora_run, found
     assert "foreground_mean" in summary
 
 
-def test_resume_continues_from_checkpoint(lora_run, target):
+def copy_of(lora_run, tmp_path):
+    """The LoRA run copied into an nnUNet_results of its own, so that a test may change it and
+    the shared run stays as trained; returns (model folder, environment pointing nnU-Net at it)."""
     folder, _ = lora_run
+    results = tmp_path / "nnUNet_results"
+    shutil.copytree(folder, results / folder.parent.name / folder.name)
+    return results / folder.parent.name / folder.name, {**TRAIN_ENV, "nnUNet_results": str(results)}
+
+
+def test_resume_continues_from_checkpoint(lora_run, target, tmp_path):
+    folder, env = copy_of(lora_run, tmp_path)
     before = read_checkpoint(str(folder / "fold_0" / "checkpoint_final.pth"))["logging"]["train_losses"]
     p = run(["nnUNetv2_train", target, "3d_fullres", "0", "-p", "FSEFTPlans", "-tr", LORA, "-device", "cpu", "--c"],
-            env={**TRAIN_ENV, "nnUNet_fseft_epochs": "3"})
+            env={**env, "nnUNet_fseft_epochs": "3"})
     assert "Loaded foundation" not in p.stdout  # weights come from our checkpoint
     ckpt = read_checkpoint(str(folder / "fold_0" / "checkpoint_final.pth"))
     assert ckpt["current_epoch"] == 3
     assert ckpt["logging"]["train_losses"][:2] == before[:2] and len(ckpt["logging"]["train_losses"]) == 3
 
 
-def test_validation_only_rebuilds_the_network(lora_run, target):
-    folder, _ = lora_run
-    summary = folder / "fold_0" / "validation" / "summary.json"
-    os.remove(summary)
+def test_validation_only_rebuilds_the_network(lora_run, target, tmp_path):
+    """--val rebuilds the adapted network from the checkpoint: its validation gives the Dice of the
+    validation that ended training, case by case."""
+    folder, env = copy_of(lora_run, tmp_path)
+    validation = folder / "fold_0" / "validation"
+    trained, segs = json.loads((validation / "summary.json").read_text()), segmentations(validation)
+    shutil.rmtree(validation)
     run(["nnUNetv2_train", target, "3d_fullres", "0", "-p", "FSEFTPlans", "-tr", LORA, "-device", "cpu", "--val"],
-        env=TRAIN_ENV)
-    assert summary.is_file()
+        env=env)
+    again = json.loads((validation / "summary.json").read_text())
+    assert len(again["metric_per_case"]) == len(trained["metric_per_case"]) == 2
+    assert again["foreground_mean"]["Dice"] == pytest.approx(trained["foreground_mean"]["Dice"], abs=1e-6, nan_ok=True)
+    for a, b in zip(again["metric_per_case"], trained["metric_per_case"]):
+        assert a["metrics"]["1"]["Dice"] == pytest.approx(b["metrics"]["1"]["Dice"], abs=1e-6, nan_ok=True), (a, b)
+    for got, want in zip(segmentations(validation), segs):  # the same segmentation, voxel by voxel
+        assert np.array_equal(got, want)
 
 
 def test_predict_writes_segmentations_with_input_geometry(lora_run, workspace, target, tmp_path):

@@ -8,8 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import TRAIN_ENV, run
-from test_bad_input import fails_with
+from helpers import TRAIN_ENV, fails_with, run
 
 SOURCE_A, SOURCE_B, POOLED = "110", "111", "210"
 ORGANS_A, ORGANS_B = ["liver", "spleen"], ["kidney_left", "kidney_right"]

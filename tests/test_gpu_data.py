@@ -10,7 +10,8 @@ from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from scipy.stats import ks_2samp
 
-from conftest import TRAIN_ENV, run
+from helpers import TRAIN_ENV, run
+from nnunet_fseft.errors import InputError
 from nnunet_fseft.gpu_data import (DeviceAugmentation, GaussianBlur, GaussianNoise, Brightness, Contrast, Gamma,
                                    LowResolution, gpu_data_enabled)
 
@@ -57,7 +58,7 @@ def test_switch_reads_attribute_and_environment(monkeypatch):
     monkeypatch.setenv("nnUNet_fseft_gpu_data", "0")
     assert gpu_data_enabled(True) is False
     monkeypatch.setenv("nnUNet_fseft_gpu_data", "maybe")
-    with pytest.raises(ValueError, match="nnUNet_fseft_gpu_data must be 1 or 0"):
+    with pytest.raises(InputError, match="nnUNet_fseft_gpu_data must be 1 or 0"):
         gpu_data_enabled(False)
 
 
@@ -80,12 +81,12 @@ def test_reads_every_transform_of_nnunets_pipeline():
 def test_refuses_what_it_cannot_do_on_the_device():
     p = pipeline()
     p.transforms[0].p_elastic_deform = 0.2
-    with pytest.raises(ValueError, match="elastic deformation.*nnUNet_fseft_gpu_data=0"):
+    with pytest.raises(InputError, match="elastic deformation.*nnUNet_fseft_gpu_data=0"):
         DeviceAugmentation(p)
     regions = nnUNetTrainer.get_training_transforms(
         PATCH, ROTATION, DS_SCALES, (0, 1, 2), False, use_mask_for_norm=[False], is_cascaded=False,
         foreground_labels=[1, 2], regions=[(1, 2), (2,)], ignore_label=None)
-    with pytest.raises(ValueError, match="ConvertSegmentationToRegionsTransform"):
+    with pytest.raises(InputError, match="ConvertSegmentationToRegionsTransform"):
         DeviceAugmentation(regions)
 
 

@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from nnunet_fseft.kshot import kshot_splits, write_kshot_splits
+from nnunet_fseft.errors import InputError
+from nnunet_fseft.kshot import identical_folds, kshot_splits, write_kshot_splits
 from nnunet_fseft.synth import synth_dataset
 
 CASES = [f"case_{i:03d}" for i in range(20)]
@@ -76,8 +77,14 @@ def test_whole_pool_is_allowed():
         assert sorted(fold["train"] + fold["val"]) == sorted(CASES)
 
 
+def test_identical_folds_are_found():
+    whole_pool = kshot_splits(CASES[:8], 5, 3, seed=0, test=3)  # K = the 5 cases outside the held-out set
+    assert identical_folds(whole_pool) == [[0, 1, 2]]
+    assert identical_folds(kshot_splits(CASES, 3, 5, seed=0, test=5)) == []
+
+
 def test_k_plus_test_larger_than_dataset_raises_naming_both_numbers():
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(InputError) as info:
         kshot_splits(CASES, 13, 3, seed=0, test=9)
     message = str(info.value)
     numbers = re.findall(r"\d+", message)
@@ -86,7 +93,7 @@ def test_k_plus_test_larger_than_dataset_raises_naming_both_numbers():
 
 @pytest.mark.parametrize("k, repeats, test", [(0, 3, 5), (-1, 3, 5), (3, 0, 5), (3, 3, 0)])
 def test_non_positive_arguments_raise(k, repeats, test):
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError):
         kshot_splits(CASES, k, repeats, seed=0, test=test)
 
 

@@ -1,53 +1,31 @@
 """LoRA injection on nnU-Net's dynamic networks (PlainConvUNet, ResidualEncoderUNet; 3D and 2D).
 
-Tiny networks (features 4, 8, 16; three stages) and 16^3 / 32^2 inputs keep every test fast on CPU.
+Tiny networks (tests/networks.py) keep every test fast on CPU.
 """
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
-from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 from torch import nn
 
+from networks import INPUT_SHAPES, plain2d, plain3d, plans_manager, resenc3d
+from nnunet_fseft.anatomy import CONV_TYPES
 from nnunet_fseft.parameters import count_parameters
-from nnunet_fseft.tuners.lora import (LORA_CLASSES, add_lora, LoRAConv2d, LoRAConv3d, LoRAConvTranspose2d,
-                                      LoRAConvTranspose3d, inject_lora, lora_weight)
+from nnunet_fseft.tuners import Site, adapt, inject
+from nnunet_fseft.tuners.lora import (METHOD, LoRA, LoRAConv2d, LoRAConv3d, LoRAConvTranspose2d, LoRAConvTranspose3d,
+                                      lora_weight)
 
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-LORA_TYPES = tuple(LORA_CLASSES.values())
-TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+LORA_TYPES = (LoRA,)
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-# ----------------------------------------------------------------------------------------------
-# Tiny networks
-# ----------------------------------------------------------------------------------------------
-
-def _common_kwargs(dim: int, deep_supervision: bool) -> dict:
-    return dict(input_channels=1, n_stages=3, features_per_stage=(4, 8, 16),
-                conv_op=nn.Conv3d if dim == 3 else nn.Conv2d, kernel_sizes=3, strides=(1, 2, 2),
-                num_classes=3, n_conv_per_stage_decoder=1, conv_bias=True,
-                norm_op=nn.InstanceNorm3d if dim == 3 else nn.InstanceNorm2d,
-                norm_op_kwargs={"eps": 1e-5, "affine": True}, dropout_op=None, dropout_op_kwargs=None,
-                nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True}, deep_supervision=deep_supervision)
+def inject_lora(net, rank, alpha):
+    return inject(net, METHOD, rank=rank, alpha=alpha)
 
 
-def plain3d(deep_supervision=True):
-    return PlainConvUNet(n_conv_per_stage=2, **_common_kwargs(3, deep_supervision))
-
-
-def resenc3d(deep_supervision=True):
-    return ResidualEncoderUNet(n_blocks_per_stage=(1, 1, 1), **_common_kwargs(3, deep_supervision))
-
-
-def plain2d(deep_supervision=True):
-    return PlainConvUNet(n_conv_per_stage=2, **_common_kwargs(2, deep_supervision))
-
-
-INPUT_SHAPES = {plain3d: (1, 1, 16, 16, 16), resenc3d: (1, 1, 16, 16, 16), plain2d: (1, 1, 32, 32)}
 NETWORKS = pytest.mark.parametrize("factory", [plain3d, resenc3d, plain2d], ids=["plain3d", "resenc3d", "plain2d"])
 
 
@@ -291,34 +269,12 @@ def test_training_updates_adapters_and_leaves_frozen_weights_bit_identical(facto
 # 5. The predictor's path: build_network_architecture on the class rebuilds the same keys
 # ----------------------------------------------------------------------------------------------
 
-def _plans(arch: str) -> dict:
-    kwargs = {"n_stages": 3, "features_per_stage": [4, 8, 16],
-              "conv_op": "torch.nn.modules.conv.Conv3d",
-              "kernel_sizes": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
-              "n_conv_per_stage_decoder": [1, 1], "conv_bias": True,
-              "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-              "norm_op_kwargs": {"eps": 1e-5, "affine": True},
-              "dropout_op": None, "dropout_op_kwargs": None,
-              "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}}
-    if arch == "PlainConvUNet":
-        kwargs["n_conv_per_stage"] = [2, 2, 2]
-    else:
-        kwargs["n_blocks_per_stage"] = [1, 1, 1]
-    return {"dataset_name": "Dataset999_Tiny", "plans_name": "nnUNetPlans",
-            "configurations": {"3d_fullres": {
-                "patch_size": [16, 16, 16],
-                "architecture": {"network_class_name": f"dynamic_network_architectures.architectures.unet.{arch}",
-                                 "arch_kwargs": kwargs,
-                                 "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}}}}
-
-
 def _managers(arch):
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    pm = PlansManager(_plans(arch))
+    pm = plans_manager(arch)
     return pm, pm.get_configuration("3d_fullres")
 
 
-ARCHS = pytest.mark.parametrize("arch", ["PlainConvUNet", "ResidualEncoderUNet"])
+ARCHS = pytest.mark.parametrize("arch", ["plain", "resenc"])
 
 
 @ARCHS
@@ -381,23 +337,31 @@ DIMS = pytest.mark.parametrize("dim", [3, 2])
 
 
 def _adapt_single(module, rank, alpha):
-    add_lora(module, rank, alpha)
     m = module
+    adapt(METHOD, Site(m, None, None), rank=rank, alpha=alpha)
     with torch.no_grad():
         m.fseft_lora_B.normal_()
     return m
 
 
+LAYERS = {(False, 3): (nn.Conv3d, F.conv3d, LoRAConv3d), (False, 2): (nn.Conv2d, F.conv2d, LoRAConv2d),
+          (True, 3): (nn.ConvTranspose3d, F.conv_transpose3d, LoRAConvTranspose3d),
+          (True, 2): (nn.ConvTranspose2d, F.conv_transpose2d, LoRAConvTranspose2d)}
+
+
 @DIMS
-def test_lora_conv_equals_conv_with_merged_weight(dim):
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "transposed"])
+def test_lora_layer_equals_its_layer_with_merged_weight(dim, transposed):
     torch.manual_seed(0)
-    conv_cls, fn = (nn.Conv3d, F.conv3d) if dim == 3 else (nn.Conv2d, F.conv2d)
+    conv_cls, fn, lora_cls = LAYERS[transposed, dim]
     rank, alpha = 2, 6.0
-    m = _adapt_single(conv_cls(3, 5, kernel_size=3, stride=2, padding=1, bias=True), rank, alpha)
-    assert type(m) is (LoRAConv3d if dim == 3 else LoRAConv2d)
+    channels, size = ((5, 3), 6) if transposed else ((3, 5), 10)
+    m = _adapt_single(conv_cls(*channels, kernel_size=3, stride=2, padding=1, bias=True), rank, alpha)
+    assert type(m) is lora_cls
     A, B, W = m.fseft_lora_A, m.fseft_lora_B, m.weight
+    # conv weights are (out, in, k...), transposed ones (in, out, k...): B spans the first dim, A the rest
     assert A.shape == (rank, 3 * 3 ** dim) and B.shape == (5, rank)
-    x = torch.randn((1, 3) + (10,) * dim)
+    x = torch.randn((1, channels[0]) + (size,) * dim)
     with torch.no_grad():
         merged = W + (alpha / rank) * (B @ A).view_as(W)
         expected = fn(x, merged, m.bias, stride=2, padding=1)
@@ -405,29 +369,11 @@ def test_lora_conv_equals_conv_with_merged_weight(dim):
         plain = fn(x, W, m.bias, stride=2, padding=1)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     assert (got - plain).abs().max() > 1e-2  # B really contributes
-
-
-@DIMS
-def test_lora_transposed_conv_equals_transposed_conv_with_merged_weight(dim):
-    torch.manual_seed(0)
-    conv_cls, fn = (nn.ConvTranspose3d, F.conv_transpose3d) if dim == 3 else (nn.ConvTranspose2d, F.conv_transpose2d)
-    rank, alpha = 2, 6.0
-    m = _adapt_single(conv_cls(5, 3, kernel_size=3, stride=2, padding=1, bias=True), rank, alpha)
-    assert type(m) is (LoRAConvTranspose3d if dim == 3 else LoRAConvTranspose2d)
-    A, B, W = m.fseft_lora_A, m.fseft_lora_B, m.weight
-    # transposed weights are (in, out, k...): B spans the first dim, A the rest
-    assert A.shape == (rank, 3 * 3 ** dim) and B.shape == (5, rank)
-    x = torch.randn((1, 5) + (6,) * dim)
-    with torch.no_grad():
-        merged = W + (alpha / rank) * (B @ A).view_as(W)
-        expected = fn(x, merged, m.bias, stride=2, padding=1)
-        got = m(x)
-        plain = fn(x, W, m.bias, stride=2, padding=1)
+    if transposed:
+        assert got.shape[2:] == (11,) * dim
         # output_size selects the output padding, as for nn.ConvTranspose
-        got_sized = m(x, output_size=[12] * dim)
-        expected_sized = fn(x, merged, m.bias, stride=2, padding=1, output_padding=1)
-    assert got.shape[2:] == (11,) * dim
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-    assert (got - plain).abs().max() > 1e-2
-    assert got_sized.shape[2:] == (12,) * dim
-    torch.testing.assert_close(got_sized, expected_sized, atol=1e-5, rtol=0)
+        with torch.no_grad():
+            got_sized = m(x, output_size=[12] * dim)
+            expected_sized = fn(x, merged, m.bias, stride=2, padding=1, output_padding=1)
+        assert got_sized.shape[2:] == (12,) * dim
+        torch.testing.assert_close(got_sized, expected_sized, atol=1e-5, rtol=0)

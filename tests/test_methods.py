@@ -2,16 +2,18 @@
 strict rebuild by the predictor's route, merge, and the adapter file's tensors."""
 import copy
 
+import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from networks import ARCHITECTURES, INPUT_SHAPES, plans_manager
 from nnunet_fseft.adapter_file import _safetensors_bytes, trained_tensors
 from nnunet_fseft.anatomy import anatomy
+from nnunet_fseft.errors import InputError
 from nnunet_fseft.parameters import count_parameters
 from nnunet_fseft.trainers import METHODS as ALL_METHODS
 from nnunet_fseft.trainers.blackbox import nnUNetTrainerFSEFT_BlackBox
+from nnunet_fseft.trainers.nnUNetTrainerFSEFT import check_settings, nnUNetTrainerFSEFT
 from nnunet_fseft.tuners import is_adapter_parameter
 from nnunet_fseft.tuners.registry import is_mergeable, merge_tuner
 
@@ -72,7 +74,7 @@ def test_step0_equals_the_foundation_and_the_adapters_run(arch, method):
 @pytest.mark.parametrize("arch,method", REFUSED)
 def test_combinations_that_make_no_sense_are_refused_in_one_sentence(arch, method):
     torch.manual_seed(0)
-    with pytest.raises(ValueError, match=NOT_APPLICABLE[(arch, METHODS[method].tuner)]) as e:
+    with pytest.raises(InputError, match=NOT_APPLICABLE[(arch, METHODS[method].tuner)]) as e:
         METHODS[method].adapt(ARCHITECTURES[arch]())
     assert str(e.value).count(". ") == 0 and str(e.value).endswith(".")
 
@@ -215,12 +217,31 @@ def test_med_adapter_stages_interact():
 
 @pytest.mark.parametrize("arch", ["plain3d", "resenc3d", "plain2d"])
 def test_parallel_adapters_meet_the_stage_output_at_its_resolution_on_odd_sizes(arch):
-    """Strided 1x1x1 and depthwise branches beside strided stages; an odd input size checks the rounding."""
+    """Strided 1x1x1 and depthwise branches beside strided stages give exactly the stage's output
+    shape, also where a stage's output size is odd (inputs 20^3 / 36^2: stage sizes 20, 10, 5 / 36, 18, 9)."""
     for method in ("nnUNetTrainerFSEFT_ConvAdapterParallel", "nnUNetTrainerFSEFT_AdaptFormer"):
         _, net, _ = adapted(arch, method)
         shape = list(INPUT_SHAPES[ARCHITECTURES[arch]])
-        shape[2:] = [s + 4 for s in shape[2:]]  # 20 / 36: stage sizes 20, 10, 5
-        outputs(net, torch.randn(shape))
+        shape[2:] = [s + 4 for s in shape[2:]]
+        x = torch.randn(shape)
+        sites, hooks = [], []  # per adapted module: its input, its output and its branch's output shapes
+        for module in net.modules():
+            branches = [m for n, m in module.named_children() if is_adapter_parameter(n)]
+            if branches:
+                seen = {}
+                sites.append(seen)
+                hooks.append(module.register_forward_hook(
+                    lambda m, i, o, seen=seen: seen.update(input=i[0].shape[2:], output=o.shape)))
+                hooks.append(branches[0].register_forward_hook(lambda m, i, o, seen=seen: seen.update(branch=o.shape)))
+        with torch.no_grad():
+            out = outputs(net, x)[0]
+        for h in hooks:
+            h.remove()
+        assert out.shape[2:] == x.shape[2:]
+        assert sites and all(seen["branch"] == seen["output"] for seen in sites), method
+        strided = [seen for seen in sites if seen["output"][2:] != seen["input"]]
+        assert strided, f"{method}: no branch beside a strided stage"
+        assert any(n % 2 for seen in strided for n in seen["output"][2:]), f"{method}: no odd-sized stage output"
 
 
 def test_primus_lora_sits_on_attention_and_mlp_linears_only():
@@ -228,3 +249,70 @@ def test_primus_lora_sits_on_attention_and_mlp_linears_only():
     adapted_layers = {n.rsplit(".", 1)[0] for n, _ in net.named_parameters() if "lora_A" in n}
     assert adapted_layers and all(".attn." in n or ".mlp." in n for n in adapted_layers)
     assert len(adapted_layers) == 7 * len(net.eva.blocks)  # q, k, v, proj, fc1_g, fc1_x, fc2
+
+
+# --- the trainer refuses, in one sentence, what would otherwise train wrongly -----------------
+
+DATASET_JSON = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "spleen": 2},
+                "numTraining": 2, "file_ending": ".nii.gz"}
+
+
+def one_sentence(message: str) -> bool:
+    return message.count(". ") == 0 and message.endswith(".")
+
+
+def test_a_misspelt_hyperparameter_stops_the_trainer_before_nnunet_sets_it_up(tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+
+    class nnUNetTrainerFSEFT_LoRA_Rank4(METHODS["nnUNetTrainerFSEFT_LoRA"]):
+        rnak = 4
+
+    plans = {**copy.deepcopy(plans_manager("plain").plans), "continue_training": False}
+    with pytest.raises(InputError, match=r"nnUNetTrainerFSEFT_LoRA_Rank4 sets `rnak`.*did you mean `rank`") as e:
+        nnUNetTrainerFSEFT_LoRA_Rank4(plans, "3d_fullres", 0, DATASET_JSON, torch.device("cpu"))
+    assert one_sentence(str(e.value))
+    assert list(tmp_path.iterdir()) == []  # refused before nnU-Net made its output folder
+
+
+def test_own_attributes_and_overrides_are_not_taken_for_misspellings():
+    class Overrides(METHODS["nnUNetTrainerFSEFT_LoRA"]):
+        rank, learning_rate = 4, 3e-3  # known names
+        _rnak = 4  # private: the user's own
+        subject_list = ("a", "b")  # public, but close to no setting
+
+    check_settings(Overrides)
+
+
+def test_a_method_without_its_hyperparameters_is_refused_in_one_sentence():
+    class LoRAFromScratch(nnUNetTrainerFSEFT):
+        tuner = "lora"
+        trainable = ("adapters", "head")
+        rank = 4
+
+    with pytest.raises(InputError, match=r"LoRAFromScratch uses method 'lora' but sets no alpha") as e:
+        check_settings(LoRAFromScratch)
+    assert one_sentence(str(e.value))
+
+
+def test_a_non_finite_train_loss_stops_training_in_one_sentence(tmp_path, monkeypatch):
+    """A corrupt foundation (NaN weights) gives a NaN loss: the epoch's end stops the training."""
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    plans = {**copy.deepcopy(plans_manager("plain").plans), "continue_training": False}
+    trainer = METHODS["nnUNetTrainerFSEFT_LoRA"](plans, "3d_fullres", 0, DATASET_JSON, torch.device("cpu"))
+    trainer.network = trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, 3)
+    with torch.no_grad():
+        for p in trainer.network.parameters():
+            if not p.requires_grad:  # the foundation's weights
+                p.fill_(float("nan"))
+    trainer.loss = trainer._build_loss()
+    trainer.optimizer, trainer.lr_scheduler = trainer.configure_optimizers()
+    torch.manual_seed(0)
+    batch = {"data": torch.randn(2, 1, 16, 16, 16),
+             "target": [torch.randint(0, 3, (2, 1, 16, 16, 16)).float(), torch.randint(0, 3, (2, 1, 8, 8, 8)).float()]}
+    step = trainer.train_step(batch)
+    assert np.isnan(step["loss"])
+    with pytest.raises(InputError, match=r"Training stopped at epoch 0: the train loss is nan.*learning_rate") as e:
+        trainer.on_train_epoch_end([step])
+    assert one_sentence(str(e.value))
+    with open(trainer.log_file) as f:
+        assert str(e.value) in f.read()  # the fold's log says why it ended

@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import TRAIN_ENV, WITHOUT_PLUGIN, images, run, segmentations
+from helpers import TRAIN_ENV, WITHOUT_PLUGIN, images, run, segmentations
+from networks import plans_manager
 from nnunet_fseft.foundation import read_checkpoint
 from nnunet_fseft.tuners import is_adapter_parameter
 
@@ -125,3 +126,33 @@ def test_merge_refuses_non_linear_adapters_in_one_sentence(workspace, target, tm
     p = run(["nnunet-fseft", "merge", folder, "-o", tmp_path / "m"], check=False)
     assert p.returncode == 2 and "cannot be folded" in p.stdout and "Traceback" not in p.stdout
     assert not (tmp_path / "m").exists()
+
+
+MISSPELT = """from nnunet_fseft.trainers import nnUNetTrainerFSEFT_LoRA
+
+
+class nnUNetTrainerFSEFT_LoRA_Rank4(nnUNetTrainerFSEFT_LoRA):
+    rnak = 4
+"""
+
+
+def test_a_misspelt_hyperparameter_in_a_users_trainer_stops_nnunet_training_at_start(workspace, tmp_path):
+    """A user's trainer folder on nnUNet_extTrainer; plans and dataset.json are all nnUNetv2_train
+    reads before it makes the trainer, so nothing is preprocessed and nothing may be trained."""
+    dataset = "Dataset990_Misspelt"
+    folder = workspace / "nnUNet_preprocessed" / dataset
+    folder.mkdir()
+    (folder / "FSEFTPlans.json").write_text(json.dumps({**plans_manager("plain").plans, "dataset_name": dataset}))
+    (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1},
+                                                     "numTraining": 2, "file_ending": ".nii.gz"}))
+    (tmp_path / "my_trainers.py").write_text(MISSPELT)
+    env = {"nnUNet_extTrainer": os.pathsep.join([str(tmp_path), os.environ.get("nnUNet_extTrainer", "")]),
+           "PYTHONUNBUFFERED": "1"}  # the traceback's last line is then the output's last line
+    p = run(["nnUNetv2_train", "990", "3d_fullres", "0", "-p", "FSEFTPlans", "-tr", "nnUNetTrainerFSEFT_LoRA_Rank4",
+             "-device", "cpu"], env={**TRAIN_ENV, **env}, check=False)
+    assert p.returncode != 0
+    last = p.stdout.strip().splitlines()[-1]
+    assert last.startswith("nnunet_fseft.errors.InputError: nnUNetTrainerFSEFT_LoRA_Rank4 sets `rnak`"), \
+        p.stdout[-3000:]
+    assert "did you mean `rank`?" in last
+    assert not (workspace / "nnUNet_results" / dataset).exists()  # stopped before nnU-Net's set-up

@@ -7,6 +7,7 @@ from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
 from nnunet_fseft.combine import unify_labels
+from nnunet_fseft.errors import InputError
 from nnunet_fseft.partial_labels import (PartialLabelLoss, SourceBalancedDataset, annotated_mask, annotated_summary,
                                          find_annotations)
 
@@ -177,10 +178,10 @@ def test_a_pooled_dataset_needs_consistent_annotations(tmp_path, monkeypatch):
     monkeypatch.delenv("nnUNet_raw", raising=False)
     marked = {"fseft_annotations": "annotations.json"}
     assert find_annotations({}, "Dataset1_X", str(tmp_path)) is None  # not pooled: plain nnU-Net training
-    with pytest.raises(FileNotFoundError, match="was pooled by nnunet-fseft combine but its annotations.json"):
+    with pytest.raises(InputError, match="was pooled by nnunet-fseft combine but its annotations.json"):
         find_annotations(marked, "Dataset1_X", str(tmp_path))
     annotations = {"sources": {"A": {"annotated": [1, 2]}},
                    "cases": {"A_0": {"source": "A", "annotated": [1, 2]}, "A_1": {"source": "A", "annotated": [1]}}}
     (tmp_path / "annotations.json").write_text(json.dumps(annotations))
-    with pytest.raises(ValueError, match="case A_1 does not annotate what its source A does"):
+    with pytest.raises(InputError, match="case A_1 does not annotate what its source A does"):
         find_annotations(marked, "Dataset1_X", str(tmp_path))

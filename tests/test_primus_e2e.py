@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import TRAIN_ENV, WITHOUT_PLUGIN, images, run, segmentations
+from helpers import TRAIN_ENV, WITHOUT_PLUGIN, images, run, segmentations
 from nnunet_fseft.foundation import read_checkpoint
 
 PRIMUS = "nnUNet_Primus_S_Trainer"

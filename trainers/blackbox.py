@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from nnunet_fseft.blackbox import build_black_box
+from nnunet_fseft.errors import InputError
 from nnunet_fseft.feature_cache import FeatureDataset, FeatureStore, cache_bytes, sliding_window_features
 from nnunet_fseft.foundation import build_foundation, recorded_foundation, unwrap
 from nnunet_fseft.transductive import SizePriorLoss, query_images, size_prior, support_volumes
@@ -41,11 +42,11 @@ class nnUNetTrainerFSEFT_BlackBox(nnUNetTrainerFSEFT):
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
         if self.features not in ("cached", "online") or self.feature_store not in ("memory", "disk"):
-            raise ValueError(f"{self.__class__.__name__} has features = '{self.features}' and feature_store = "
+            raise InputError(f"{self.__class__.__name__} has features = '{self.features}' and feature_store = "
                              f"'{self.feature_store}'; set features to 'cached' or 'online' and feature_store to "
                              f"'memory' or 'disk'.")
         if self.gpu_data and self.features == "cached":
-            raise ValueError(f"{self.__class__.__name__} trains on cached features, not images, so the GPU data path "
+            raise InputError(f"{self.__class__.__name__} trains on cached features, not images, so the GPU data path "
                              f"does not apply; unset nnUNet_fseft_gpu_data, or train features = 'online' (e.g. "
                              f"nnUNetTrainerFSEFT_SpatialAdapterOnline).")
         self.store = self.query_store = None
@@ -58,23 +59,24 @@ class nnUNetTrainerFSEFT_BlackBox(nnUNetTrainerFSEFT):
         # (its sha256 checked), the adapter's weights then come from the checkpoint.
         record = recorded_foundation(plans_manager.plans)
         if record is None:
-            raise ValueError(f"{cls.__name__} queries the foundation recorded by `nnunet-fseft adopt`, and these "
-                             f"plans record none; adopt the foundation for this dataset and train with its plans.")
+            raise InputError(f"{cls.__name__} queries the foundation recorded by `nnunet-fseft adopt`, and these "
+                             f"plans record none; adopt the foundation for this dataset and train with its plans "
+                             f"(-p FSEFTPlans).")
         network, _ = build_foundation(plans_manager, configuration_manager, num_input_channels, record)
         return build_black_box(network, cls.adapter, num_output_channels, record["sha256"])
 
     def initialize(self):
         if self.pretrained_weights_follow():
-            raise RuntimeError(f"{self.__class__.__name__} queries the foundation recorded by `nnunet-fseft adopt` "
-                               f"and cannot take -pretrained_weights; drop -pretrained_weights and train with the "
-                               f"plans adopt wrote.")
+            raise InputError(f"{self.__class__.__name__} queries the foundation recorded by `nnunet-fseft adopt` "
+                             f"and cannot take -pretrained_weights; drop -pretrained_weights and train with the "
+                             f"plans adopt wrote.")
         if self.foundation is None:
-            raise RuntimeError(f"{self.__class__.__name__} queries the foundation recorded by `nnunet-fseft adopt`, "
-                               f"and plans {self.plans_manager.plans_name} record none; adopt the foundation for this "
-                               f"dataset and train with its plans (-p FSEFTPlans).")
+            raise InputError(f"{self.__class__.__name__} queries the foundation recorded by `nnunet-fseft adopt`, "
+                             f"and plans {self.plans_manager.plans_name} record none; adopt the foundation for this "
+                             f"dataset and train with its plans (-p FSEFTPlans).")
         if self.transductive and (self.label_manager.has_regions or self.label_manager.has_ignore_label):
             # regions: no one label per voxel; ignore label: sparse support labels would make the prior too small
-            raise ValueError(f"{self.__class__.__name__}: size priors need dense labels with one class per voxel, "
+            raise InputError(f"{self.__class__.__name__}: size priors need dense labels with one class per voxel, "
                              f"and this dataset uses {'regions' if self.label_manager.has_regions else 'an ignore label'}; "
                              f"use {self.__class__.__name__[:-2]} instead.")
         super().initialize()

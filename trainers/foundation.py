@@ -15,6 +15,7 @@ import torch
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunet_fseft.errors import InputError
 from nnunet_fseft.partial_labels import (PartialLabelLoss, SourceBalancedDataset, annotated_mask,
                                          annotated_summary, find_annotations)
 from nnunet_fseft.trainers.nnUNetTrainerFSEFT import set_schedule
@@ -27,8 +28,8 @@ class nnUNetTrainerFSEFT_Foundation(nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         set_schedule(self, self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch)
         if self.label_manager.has_regions or self.label_manager.has_ignore_label:
-            raise ValueError(f"{type(self).__name__} trains plain labels; this dataset has regions or an ignore "
-                             f"label, which partial labels cannot be combined with. Pool plain-label datasets.")
+            raise InputError(f"{type(self).__name__} trains plain labels; this dataset has regions or an ignore "
+                             f"label, which partial labels cannot be combined with; pool plain-label datasets instead.")
         self.annotations = find_annotations(self.dataset_json, self.plans_manager.dataset_name,
                                             self.preprocessed_dataset_folder_base)
         # what each key annotates: case ids (validation) and source names (training draws sources)
@@ -53,8 +54,8 @@ class nnUNetTrainerFSEFT_Foundation(nnUNetTrainer):
             return dataset_tr, dataset_val
         unknown = sorted((set(dataset_tr.identifiers) | set(dataset_val.identifiers)) - set(self.annotations["cases"]))
         if unknown:
-            raise ValueError(f"Cases {unknown[:5]} are not in this dataset's annotations file; were they added after "
-                             f"nnunet-fseft combine? Pool the source datasets again.")
+            raise InputError(f"Cases {unknown[:5]} are not in this dataset's annotations file (added after "
+                             f"`nnunet-fseft combine`?); pool the source datasets again with combine.")
         source_of = {c: a["source"] for c, a in self.annotations["cases"].items()}
         return SourceBalancedDataset(dataset_tr, source_of), dataset_val
 

@@ -14,19 +14,22 @@ calls that classmethod, rebuilds the same network. Where the foundation comes fr
 `-pretrained_weights` on the command line wins over the recorded foundation.
 `--c` / `--val` restore the adapted network from our own checkpoint and load no foundation.
 """
+import difflib
 import os
 import sys
 
+import numpy as np
 import torch
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_fseft.anatomy import anatomy
+from nnunet_fseft.errors import InputError
 from nnunet_fseft.foundation import architecture_trainer, load_foundation, recorded_foundation, unwrap
 from nnunet_fseft.gpu_data import device_dataloaders, gpu_data_enabled
 from nnunet_fseft.head_init import head_rows, initialise_head
 from nnunet_fseft.parameters import count_parameters, freeze
-from nnunet_fseft.tuners.registry import apply_tuner
+from nnunet_fseft.tuners.registry import apply_tuner, method, tuner_hyperparameters
 
 
 def env_int(name: str, default: int) -> int:
@@ -34,7 +37,7 @@ def env_int(name: str, default: int) -> int:
     if value is None:
         return default
     if not value.strip().isdigit() or int(value) < 1:
-        raise ValueError(f"{name} must be a positive whole number, got '{value}'; unset it or fix its value.")
+        raise InputError(f"{name} must be a positive whole number, got '{value}'; unset it or set it to e.g. 10.")
     return int(value)
 
 
@@ -43,6 +46,40 @@ def set_schedule(trainer: nnUNetTrainer, epochs: int, iterations: int, val_itera
     trainer.num_epochs = env_int("nnUNet_fseft_epochs", epochs)
     trainer.num_iterations_per_epoch = env_int("nnUNet_fseft_iters_per_epoch", iterations)
     trainer.num_val_iterations_per_epoch = min(val_iterations, trainer.num_iterations_per_epoch)
+
+
+def _is_setting(name: str, value) -> bool:
+    """A public class attribute holding a value (a hyper-parameter), not a method or property."""
+    return not name.startswith("_") and not callable(value) and not hasattr(value, "__get__")
+
+
+def _ours(cls: type) -> bool:
+    return cls.__module__.split(".")[0] in ("nnunet_fseft", "nnunetv2", "builtins")
+
+
+def check_settings(cls: type) -> None:
+    """Refuses, before any work, a user's subclass that misspells a setting (`rnak = 4` would train
+    silently with the default rank), and a method whose hyper-parameters are not all set.
+
+    A setting is a public, non-callable class attribute. One that a user's class defines (not a
+    class of nnunet-fseft or nnU-Net), that none of our classes above it defines, and that is close
+    to a name they do define (or to a hyper-parameter of its method) is a misspelling; other new
+    names are the user's own and are left alone."""
+    known = {n for c in cls.__mro__ if _ours(c) for n, v in vars(c).items() if _is_setting(n, v)}
+    if cls.tuner is not None:
+        known |= set(method(cls.tuner).hyperparameters)
+    for c in cls.__mro__:
+        if _ours(c):
+            continue
+        for name, value in vars(c).items():
+            if not _is_setting(name, value) or name in known:
+                continue
+            close = difflib.get_close_matches(name, known, n=1)
+            if close:
+                raise InputError(f"{c.__name__} sets `{name}`, which no nnunet-fseft trainer reads (did you mean "
+                                 f"`{close[0]}`?); rename it, or start it with an underscore if it is your own.")
+    if cls.tuner is not None:
+        tuner_hyperparameters(cls.tuner, cls)
 
 
 def adamw_poly(trainer: nnUNetTrainer):
@@ -71,6 +108,7 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
+        check_settings(type(self))  # before nnU-Net's set-up: a misspelt hyper-parameter stops here
         super().__init__(plans, configuration, fold, dataset_json, device)
         set_schedule(self, self.epochs, self.iterations_per_epoch, self.val_iterations_per_epoch)
         self.initial_lr = self.learning_rate
@@ -81,7 +119,7 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
         self._inject_on_train_start = False
         self._before_pretrained = None
         if self.foundation is not None and self.foundation["configuration"] != configuration:
-            raise ValueError(f"The foundation in these plans was adopted for configuration "
+            raise InputError(f"The foundation in these plans was adopted for configuration "
                              f"'{self.foundation['configuration']}', not '{configuration}'; train that "
                              f"configuration or adopt the foundation again.")
 
@@ -112,9 +150,9 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
     def initialize(self):
         if (self.foundation is None or self.pretrained_weights_follow()) and not self._restoring:
             if self.is_ddp:
-                raise RuntimeError("Multi-GPU training needs the foundation recorded by `nnunet-fseft adopt` "
-                                   "(adapters must be in place before DDP wraps the network); adopt the "
-                                   "foundation instead of passing -pretrained_weights.")
+                raise InputError("Multi-GPU training needs the foundation recorded by `nnunet-fseft adopt` "
+                                 "(adapters must be in place before DDP wraps the network); adopt the "
+                                 "foundation instead of passing -pretrained_weights.")
             # nnU-Net loads -pretrained_weights into this network next; it must not hold adapters yet.
             self._inject_on_train_start = True
             self.build_network_architecture = architecture_trainer(self.plans_manager.plans).build_network_architecture
@@ -174,8 +212,9 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
         if self._inject_on_train_start:
             network = unwrap(self.network)
             if torch.equal(next(network.parameters()).detach(), self._before_pretrained):
-                raise RuntimeError("No foundation weights were loaded: run `nnunet-fseft adopt` for this "
-                                   "dataset and train with its plans, or pass -pretrained_weights.")
+                raise InputError("No foundation weights were loaded, as these plans record none and no "
+                                 "-pretrained_weights was given; run `nnunet-fseft adopt` for this dataset and train "
+                                 "with the plans it writes (-p FSEFTPlans), or pass -pretrained_weights.")
             self.adapt(network)
             self.optimizer, self.lr_scheduler = self.configure_optimizers()
             self._inject_on_train_start = False
@@ -185,6 +224,18 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
         super().on_train_start()
         if self.device.type == "cuda":  # after nnU-Net's set-up, so the peak below is training's own
             torch.cuda.reset_peak_memory_stats(self.device)
+
+    def on_train_epoch_end(self, train_outputs):
+        super().on_train_epoch_end(train_outputs)
+        # this epoch's mean over every DDP rank: each rank stops, none waits for the others
+        loss = self.logger.get_value("train_losses", step=self.current_epoch)
+        if not np.isfinite(loss):
+            message = (f"Training stopped at epoch {self.current_epoch}: the train loss is {loss}, as a foundation "
+                       f"with non-finite weights or a learning rate too high for this method ({self.initial_lr:g}) "
+                       f"gives; check the foundation's checkpoint, or set a lower `learning_rate` in a subclass "
+                       f"of {type(self).__name__}.")
+            self.print_to_log_file(message)
+            raise InputError(message)
 
     def on_train_end(self):
         if self.device.type == "cuda":  # read by `nnunet-fseft benchmark`

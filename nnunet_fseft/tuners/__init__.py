@@ -1,4 +1,9 @@
-"""The one injection mechanism behind every method (one module per method beside it).
+"""The one injection loop behind every method (one module per method beside it).
+
+A method module declares a `Method`: WHERE it goes (its sites, module names taken from
+`nnunet_fseft.anatomy`) and WHAT it puts there (the layer each site becomes, the parameters or
+branches each site gets, and, for a linear method, how its update folds into the site's own
+weights). `inject` and `merge` below do the rest, the same way for every method.
 
 Adapters are added *in place*: a module is turned into its adapted subclass and
 keeps its own parameters under their own names. That matters for nnU-Net networks:
@@ -8,9 +13,13 @@ keeps its own parameters under their own names. That matters for nnU-Net network
 - the foundation's state-dict keys are unchanged, so a foundation checkpoint loads
   into an adapted network and adapter parameters are recognisable by name alone.
 """
-from typing import Callable, List
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from torch import nn
+
+from nnunet_fseft.anatomy import Anatomy, anatomy
 
 # Every adapter parameter name contains this token; nothing in nnU-Net's networks does.
 ADAPTER_TOKEN = "fseft_"
@@ -20,33 +29,84 @@ def is_adapter_parameter(name: str) -> bool:
     return ADAPTER_TOKEN in name
 
 
-def inject(network: nn.Module, select: Callable[[str, nn.Module], bool],
-           adapt: Callable[[nn.Module], None]) -> List[str]:
-    """Calls `adapt(module)` once on every distinct module that `select(name, module)` accepts.
-
-    `named_modules()` visits each module object once, whatever its number of aliases,
-    so nothing is adapted twice. Returns the names of the adapted modules.
-    """
-    chosen = [(name, m) for name, m in network.named_modules() if select(name, m)]
-    for _, m in chosen:
-        adapt(m)
-    return [name for name, _ in chosen]
+@dataclass(frozen=True)
+class Site:
+    """One place a method adapts, as its `additions` sees it."""
+    module: nn.Module
+    anatomy: Optional[Anatomy]
+    previous: Optional[Dict[str, Any]]  # what the previous site got (Med-Adapter chains its stages); None first
 
 
-_EXTENDED = {}
+@dataclass(frozen=True)
+class Method:
+    # network, its anatomy -> names of the modules to adapt, in forward order; raises InputError
+    # where the method does not apply to the architecture
+    sites: Callable[[nn.Module, Anatomy], List[str]]
+    # mixin whose forward replaces the site's (super().forward is the site's own computation)
+    layer: type
+    # (site, *, hyper-parameters) -> {name containing ADAPTER_TOKEN: nn.Parameter, branch module or value}
+    additions: Callable[..., Dict[str, Any]]
+    # folds a site's update into its own weights; None: the branches are non-linear, nothing folds
+    fold: Optional[Callable[[nn.Module], None]] = None
+
+    @property
+    def hyperparameters(self) -> Tuple[str, ...]:
+        """The keyword-only arguments of `additions`, without defaults: the trainer class sets each."""
+        return tuple(p.name for p in inspect.signature(self.additions).parameters.values()
+                     if p.kind is p.KEYWORD_ONLY)
 
 
-def extend(module: nn.Module, mixin: type, branch_name: str, branch: nn.Module) -> None:
-    """Turns `module` into an instance of a subclass of its own class with `mixin` first in
-    the method order, in place (so every alias sees it; see above), and adds `branch` to it.
-    The mixin's `forward` calls `super().forward` for the module's own computation."""
-    if isinstance(module, (nn.Sequential, nn.ModuleList)):
-        # nn.Sequential runs every child it holds: the branch would run as a layer
-        raise TypeError(f"cannot add an adapter branch to a {type(module).__name__}")
-    base = type(module)
-    cls = _EXTENDED.get((mixin, base))
+_ADAPTED = {}
+
+
+def adapted_class(layer: type, base: type) -> type:
+    """The one subclass of `base` with `layer` first in its method order (made once per pair)."""
+    cls = _ADAPTED.get((layer, base))
     if cls is None:
-        cls = type(f"{mixin.__name__}{base.__name__}", (mixin, base), {})
-        _EXTENDED[(mixin, base)] = cls
-    module.__class__ = cls
-    module.add_module(branch_name, branch.to(next(module.parameters()).device))
+        if issubclass(base, (nn.Sequential, nn.ModuleList)):
+            # nn.Sequential runs every child it holds: an added branch would run as a layer
+            raise TypeError(f"cannot add an adapter to a {base.__name__}")
+        cls = type(f"{layer.__name__}{base.__name__}", (layer, base), {"__module__": layer.__module__})
+        _ADAPTED[(layer, base)] = cls
+    return cls
+
+
+def adapt(method: Method, site: Site, **hyperparameters) -> Dict[str, Any]:
+    """Turns `site.module` into the method's layer, in place, and adds what the method puts
+    there; returns that (the next site's `previous`)."""
+    module = site.module
+    device = next(module.parameters()).device
+    additions = method.additions(site, **hyperparameters)
+    module.__class__ = adapted_class(method.layer, type(module))
+    for key, value in additions.items():
+        assert ADAPTER_TOKEN in key, key  # how adapter parameters are told from the foundation's
+        if isinstance(value, nn.Parameter):
+            module.register_parameter(key, value)
+        elif isinstance(value, nn.Module):
+            module.add_module(key, value.to(device))
+        else:
+            setattr(module, key, value)
+    return additions
+
+
+def inject(network: nn.Module, method: Method, **hyperparameters) -> List[str]:
+    """Adapts every site of `method` in `network`, in forward order; returns the names of the
+    modules adapted. A site the method has adapted already is left alone, so a second injection
+    adds nothing."""
+    a = anatomy(network)
+    modules = dict(network.named_modules())  # each module object once, whatever its aliases
+    names = [n for n in method.sites(network, a) if not isinstance(modules[n], method.layer)]
+    previous = None
+    for name in names:
+        previous = adapt(method, Site(modules[name], a, previous), **hyperparameters)
+    return names
+
+
+def merge(network: nn.Module, method: Method) -> None:
+    """Folds every site's update into its own weights; the sites become plain nnU-Net modules again."""
+    for module in [m for m in network.modules() if isinstance(m, method.layer)]:
+        method.fold(module)
+        module.__class__ = type(module).__bases__[-1]  # the site's own class (see adapted_class)
+        for store in (module._parameters, module._modules, module._buffers, module.__dict__):
+            for key in [k for k in store if ADAPTER_TOKEN in k]:
+                del store[key]

@@ -9,33 +9,32 @@ trainers) and drop-path apply to it too: its effective scale there is scale x ga
 """
 from torch import nn
 
-from nnunet_fseft.anatomy import anatomy, conv_geometry
-from nnunet_fseft.tuners import ADAPTER_TOKEN, extend
+from nnunet_fseft.anatomy import conv_geometry
+from nnunet_fseft.tuners import ADAPTER_TOKEN, Method, Site
 
-BRANCH = ADAPTER_TOKEN + "adaptformer"
+BRANCH, SCALE_NAME = ADAPTER_TOKEN + "adaptformer", ADAPTER_TOKEN + "adaptformer_scale"
 
 
 class AdaptFormer(nn.Module):
     def forward(self, x):
-        return super().forward(x) + self.fseft_adaptformer_scale * getattr(self, BRANCH)(x)
+        return super().forward(x) + getattr(self, SCALE_NAME) * getattr(self, BRANCH)(x)
 
 
-def bottleneck(block: nn.Module, width: int, transformer: bool) -> nn.Sequential:
-    if transformer:
-        down, up = nn.Linear(block.fc2.out_features, width), nn.Linear(width, block.fc2.out_features)
+def sites(network: nn.Module, a) -> list:
+    return a.blocks
+
+
+def bottleneck(site: Site, *, bottleneck_width: int, scale: float) -> dict:
+    block = site.module
+    if site.anatomy.transformer:
+        width = block.fc2.out_features
+        down, up = nn.Linear(width, bottleneck_width), nn.Linear(bottleneck_width, width)
     else:
         conv, cin, cout, stride = conv_geometry(block)
-        down, up = conv(cin, width, 1, stride=stride), conv(width, cout, 1)
+        down, up = conv(cin, bottleneck_width, 1, stride=stride), conv(bottleneck_width, cout, 1)
     nn.init.zeros_(up.weight)
     nn.init.zeros_(up.bias)
-    return nn.Sequential(down, nn.ReLU(), up)
+    return {BRANCH: nn.Sequential(down, nn.ReLU(), up), SCALE_NAME: scale}
 
 
-def inject_adaptformer(network: nn.Module, bottleneck_width: int = 16, scale: float = 0.1):
-    a = anatomy(network)
-    modules = dict(network.named_modules())
-    for name in a.blocks:
-        block = modules[name]
-        extend(block, AdaptFormer, BRANCH, bottleneck(block, bottleneck_width, a.transformer))
-        block.fseft_adaptformer_scale = scale
-    return a.blocks
+METHOD = Method(sites, AdaptFormer, bottleneck)

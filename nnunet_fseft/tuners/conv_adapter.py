@@ -9,45 +9,37 @@ GELU, 1x1x1 compression (zero-initialised, so the adapted network starts as the 
 """
 from torch import nn
 
-from nnunet_fseft.anatomy import anatomy, conv_geometry
-from nnunet_fseft.tuners import ADAPTER_TOKEN, extend
+from nnunet_fseft.anatomy import conv_geometry
+from nnunet_fseft.errors import InputError
+from nnunet_fseft.tuners import ADAPTER_TOKEN, Method, Site
 
-BRANCH = ADAPTER_TOKEN + "conv_adapter"
+BRANCH, PARALLEL_NAME = ADAPTER_TOKEN + "conv_adapter", ADAPTER_TOKEN + "conv_adapter_parallel"
 
 
-class ConvAdapterAfter(nn.Module):
+class ConvAdapter(nn.Module):
     def forward(self, x):
         y = super().forward(x)
-        return y + getattr(self, BRANCH)(y)
+        return y + getattr(self, BRANCH)(x if getattr(self, PARALLEL_NAME) else y)
 
 
-class ConvAdapterBeside(nn.Module):
-    def forward(self, x):
-        return super().forward(x) + getattr(self, BRANCH)(x)
+def sites(network: nn.Module, a) -> list:
+    if a.transformer:
+        raise InputError(f"The convolutional adapter goes after the conv stages of a U-Net; {a.architecture} "
+                         f"has a transformer encoder: use LoRA or AdaptFormer for it.")
+    return a.encoder_stages + a.decoder_stages
 
 
-def mednext_block(conv, cin: int, cout: int, stride, kernel_size: int, expansion: int) -> nn.Sequential:
+def mednext_block(site: Site, *, kernel_size: int, expansion: int, parallel: bool) -> dict:
+    conv, cin, cout, stride = conv_geometry(site.module)
+    if not parallel:  # the block sees the stage's output
+        cin, stride = cout, 1
     hidden = expansion * cout
     compress = conv(hidden, cout, 1)
     nn.init.zeros_(compress.weight)
     nn.init.zeros_(compress.bias)
-    return nn.Sequential(conv(cin, cin, kernel_size, stride=stride, padding=kernel_size // 2, groups=cin),
-                         nn.GroupNorm(cin, cin), conv(cin, hidden, 1), nn.GELU(), compress)
+    block = nn.Sequential(conv(cin, cin, kernel_size, stride=stride, padding=kernel_size // 2, groups=cin),
+                          nn.GroupNorm(cin, cin), conv(cin, hidden, 1), nn.GELU(), compress)
+    return {BRANCH: block, PARALLEL_NAME: parallel}
 
 
-def inject_conv_adapter(network: nn.Module, kernel_size: int = 3, expansion: int = 1, parallel: bool = False):
-    a = anatomy(network)
-    if a.transformer:
-        raise ValueError(f"The convolutional adapter goes after the conv stages of a U-Net; {a.architecture} "
-                         f"has a transformer encoder: use LoRA or AdaptFormer for it.")
-    modules = dict(network.named_modules())
-    sites = a.encoder_stages + a.decoder_stages
-    for name in sites:
-        stage = modules[name]
-        conv, cin, cout, stride = conv_geometry(stage)
-        if parallel:
-            block = mednext_block(conv, cin, cout, stride, kernel_size, expansion)
-        else:
-            block = mednext_block(conv, cout, cout, 1, kernel_size, expansion)
-        extend(stage, ConvAdapterBeside if parallel else ConvAdapterAfter, BRANCH, block)
-    return sites
+METHOD = Method(sites, ConvAdapter, mednext_block)

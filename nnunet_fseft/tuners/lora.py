@@ -11,83 +11,61 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_fseft.anatomy import anatomy, within
-from nnunet_fseft.tuners import ADAPTER_TOKEN, inject
+from nnunet_fseft.anatomy import within
+from nnunet_fseft.tuners import ADAPTER_TOKEN, Method, Site, adapted_class
 
-A_NAME, B_NAME = ADAPTER_TOKEN + "lora_A", ADAPTER_TOKEN + "lora_B"
+A_NAME, B_NAME, SCALE_NAME = ADAPTER_TOKEN + "lora_A", ADAPTER_TOKEN + "lora_B", ADAPTER_TOKEN + "lora_scale"
+TARGETS = (nn.Conv3d, nn.Conv2d, nn.ConvTranspose3d, nn.ConvTranspose2d, nn.Linear)
+_TRANSPOSED = {3: F.conv_transpose3d, 2: F.conv_transpose2d}
 
 
 def lora_weight(m: nn.Module) -> torch.Tensor:
     delta = getattr(m, B_NAME) @ getattr(m, A_NAME)
-    return m.weight + m.fseft_lora_scale * delta.view_as(m.weight)
+    return m.weight + getattr(m, SCALE_NAME) * delta.view_as(m.weight)
 
 
-class LoRAConv3d(nn.Conv3d):
-    def forward(self, x):
-        return self._conv_forward(x, lora_weight(self), self.bias)
+class LoRA(nn.Module):
+    """A conv, transposed conv or linear layer that runs with its LoRA weight."""
 
-
-class LoRAConv2d(nn.Conv2d):
-    def forward(self, x):
-        return self._conv_forward(x, lora_weight(self), self.bias)
-
-
-def _transposed_forward(m, x, output_size, conv, dims):
-    output_padding = m._output_padding(x, output_size, m.stride, m.padding, m.kernel_size, dims, m.dilation)
-    return conv(x, lora_weight(m), m.bias, m.stride, m.padding, output_padding, m.groups, m.dilation)
-
-
-class LoRAConvTranspose3d(nn.ConvTranspose3d):
     def forward(self, x, output_size=None):
-        return _transposed_forward(self, x, output_size, F.conv_transpose3d, 3)
+        weight = lora_weight(self)
+        if isinstance(self, nn.Linear):
+            return F.linear(x, weight, self.bias)
+        if isinstance(self, (nn.ConvTranspose3d, nn.ConvTranspose2d)):
+            dims = weight.dim() - 2
+            output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size,
+                                                  dims, self.dilation)
+            return _TRANSPOSED[dims](x, weight, self.bias, self.stride, self.padding, output_padding, self.groups,
+                                     self.dilation)
+        return self._conv_forward(x, weight, self.bias)
 
 
-class LoRAConvTranspose2d(nn.ConvTranspose2d):
-    def forward(self, x, output_size=None):
-        return _transposed_forward(self, x, output_size, F.conv_transpose2d, 2)
+# module-level names, so that an adapted layer pickles (the loop makes the same classes)
+LoRAConv3d, LoRAConv2d, LoRAConvTranspose3d, LoRAConvTranspose2d, LoRALinear = (adapted_class(LoRA, t)
+                                                                                for t in TARGETS)
 
 
-class LoRALinear(nn.Linear):
-    def forward(self, x):
-        return F.linear(x, lora_weight(self), self.bias)
+def sites(network: nn.Module, a) -> list:
+    """Every conv and transposed conv of a conv U-Net, head excluded; on Primus, the attention and
+    MLP linear layers of its transformer blocks."""
+    if a.transformer:
+        return [n for n, m in network.named_modules() if type(m) is nn.Linear and within(n, ["eva.blocks"])]
+    return [n for n, m in network.named_modules() if type(m) in TARGETS and not within(n, a.head)]
 
 
-LORA_CLASSES = {nn.Conv3d: LoRAConv3d, nn.Conv2d: LoRAConv2d,
-                nn.ConvTranspose3d: LoRAConvTranspose3d, nn.ConvTranspose2d: LoRAConvTranspose2d,
-                nn.Linear: LoRALinear}
-PLAIN_CLASSES = {v: k for k, v in LORA_CLASSES.items()}
-
-
-def add_lora(m: nn.Module, rank: int, alpha: float) -> None:
-    """Turns a conv into its LoRA subclass in place (see tuners/__init__ for why in place)."""
-    w = m.weight
+def low_rank_factors(site: Site, *, rank: int, alpha: float) -> dict:
+    w = site.module.weight
     fan_in = w[0].numel()  # everything but the first dim (out for convs, in for transposed convs)
     a = torch.empty(rank, fan_in, device=w.device, dtype=w.dtype)
     nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-    m.__class__ = LORA_CLASSES[type(m)]
-    m.register_parameter(A_NAME, nn.Parameter(a))
-    m.register_parameter(B_NAME, nn.Parameter(torch.zeros(w.shape[0], rank, device=w.device, dtype=w.dtype)))
-    m.fseft_lora_scale = alpha / rank
+    return {A_NAME: nn.Parameter(a),
+            B_NAME: nn.Parameter(torch.zeros(w.shape[0], rank, device=w.device, dtype=w.dtype)),
+            SCALE_NAME: alpha / rank}
 
 
-def inject_lora(network: nn.Module, rank: int = 8, alpha: float = 8.0):
-    """LoRA on every conv and transposed conv of a conv U-Net, head excluded; on Primus, on the
-    attention and MLP linear layers of its transformer blocks."""
-    a = anatomy(network)
-
-    def select(name, m):
-        if a.transformer:
-            return type(m) is nn.Linear and within(name, ["eva.blocks"])
-        return type(m) in LORA_CLASSES and not within(name, a.head)
-    return inject(network, select, lambda m: add_lora(m, rank, alpha))
+@torch.no_grad()
+def fold(m: nn.Module) -> None:
+    m.weight.copy_(lora_weight(m))
 
 
-def merge_lora(network: nn.Module) -> None:
-    """Folds every LoRA update into its layer's weight; the layers become plain nnU-Net layers."""
-    for m in network.modules():
-        if type(m) in PLAIN_CLASSES:
-            with torch.no_grad():
-                m.weight.copy_(lora_weight(m))
-            del m._parameters[A_NAME], m._parameters[B_NAME]
-            del m.fseft_lora_scale
-            m.__class__ = PLAIN_CLASSES[type(m)]
+METHOD = Method(sites, LoRA, low_rank_factors, fold)

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_fseft.anatomy import anatomy, conv_geometry
-from nnunet_fseft.tuners import ADAPTER_TOKEN, extend
+from nnunet_fseft.anatomy import conv_geometry
+from nnunet_fseft.errors import InputError
+from nnunet_fseft.tuners import ADAPTER_TOKEN, Method, Site
 
 BRANCH = ADAPTER_TOKEN + "med_adapter"
 
@@ -58,7 +59,7 @@ class MedAdapterBlock(nn.Module):
         self.up = nn.Conv3d(hidden, channels, 1)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
-        # Set by inject: the previous stage's adapter (not a submodule), and whether a next one reads ours.
+        # Set by med_adapter_block: the previous stage's adapter (not a submodule), and whether a next one reads ours.
         self.previous = None
         self.feeds_next = False
         self.features = None
@@ -80,25 +81,26 @@ class MedAdapter(nn.Module):
         return getattr(self, BRANCH)(super().forward(x))
 
 
-def inject_med_adapter(network: nn.Module, reduction: int = 6, kernel_sizes=(3, 5, 7), slice_bins: int = 8):
-    a = anatomy(network)
+def sites(network: nn.Module, a) -> list:
     if a.transformer:
-        raise ValueError(f"The Med-Adapter goes after the conv stages of a U-Net encoder; {a.architecture} "
+        raise InputError(f"The Med-Adapter goes after the conv stages of a U-Net encoder; {a.architecture} "
                          f"has a transformer encoder: use LoRA or AdaptFormer for it.")
-    modules = dict(network.named_modules())
-    previous = None
-    for name in a.encoder_stages:
-        stage = modules[name]
-        conv, _, channels, _ = conv_geometry(stage)
-        if conv is not nn.Conv3d:
-            raise ValueError("The Med-Adapter factorises its convolutions in-plane and through-plane and "
-                             "needs a 3D network; use a 3d configuration, or another method for 2d.")
-        hidden = max(channels // reduction, min(channels, 8))
-        adapter = MedAdapterBlock(channels, hidden, previous.down.out_channels if previous else 0,
-                                  kernel_sizes, slice_bins)
-        if previous is not None:
-            adapter.previous = (previous,)  # a tuple: not registered as a submodule a second time
-            previous.feeds_next = True
-        extend(stage, MedAdapter, BRANCH, adapter)
-        previous = adapter
+    if any(conv_geometry(network.get_submodule(s))[0] is not nn.Conv3d for s in a.encoder_stages):
+        raise InputError("The Med-Adapter factorises its convolutions in-plane and through-plane and "
+                         "needs a 3D network; use a 3d configuration, or another method for 2d.")
     return a.encoder_stages
+
+
+def med_adapter_block(site: Site, *, reduction: int, kernel_sizes, slice_bins: int) -> dict:
+    _, _, channels, _ = conv_geometry(site.module)
+    hidden = max(channels // reduction, min(channels, 8))
+    previous = site.previous[BRANCH] if site.previous else None
+    adapter = MedAdapterBlock(channels, hidden, previous.down.out_channels if previous else 0,
+                              kernel_sizes, slice_bins)
+    if previous is not None:
+        adapter.previous = (previous,)  # a tuple: not registered as a submodule a second time
+        previous.feeds_next = True
+    return {BRANCH: adapter}
+
+
+METHOD = Method(sites, MedAdapter, med_adapter_block)

@@ -1,54 +1,50 @@
-"""Method name -> how it is injected and, where possible, folded back into plain weights.
+"""Method name -> its `Method` (nnunet_fseft.tuners), injected and, where linear, merged by the one loop.
 
-A trainer's `tuner` names one; the injector's keyword arguments are read from the trainer's
-class attributes of the same names."""
-import inspect
-from dataclasses import dataclass
-from typing import Callable, Optional
+A trainer's `tuner` names one; the method's hyper-parameters are read from the trainer's class
+attributes of the same names, the one place they are set."""
+from typing import Optional
 
 from torch import nn
 
-from nnunet_fseft.tuners.adaptformer import inject_adaptformer
-from nnunet_fseft.tuners.conv_adapter import inject_conv_adapter
-from nnunet_fseft.tuners.lora import inject_lora, merge_lora
-from nnunet_fseft.tuners.med_adapter import inject_med_adapter
-
-
-@dataclass(frozen=True)
-class Tuner:
-    inject: Callable
-    merge: Optional[Callable] = None  # None: its branches are non-linear and cannot be folded
-
+from nnunet_fseft.errors import InputError
+from nnunet_fseft.tuners import Method, inject, merge
+from nnunet_fseft.tuners import adaptformer, conv_adapter, lora, med_adapter
 
 TUNERS = {
-    "lora": Tuner(inject_lora, merge_lora),
-    "adaptformer": Tuner(inject_adaptformer),
-    "conv_adapter": Tuner(inject_conv_adapter),
-    "med_adapter": Tuner(inject_med_adapter),
+    "lora": lora.METHOD,
+    "adaptformer": adaptformer.METHOD,
+    "conv_adapter": conv_adapter.METHOD,
+    "med_adapter": med_adapter.METHOD,
 }
 
 
-def _tuner(name: str) -> Tuner:
+def method(name: str) -> Method:
     if name not in TUNERS:
-        raise ValueError(f"Unknown method '{name}'; known methods: {sorted(TUNERS)}.")
+        raise InputError(f"Unknown method '{name}'; set `tuner` to one of {sorted(TUNERS)}.")
     return TUNERS[name]
 
 
 def tuner_hyperparameters(tuner: str, owner) -> dict:
-    """The injector's keyword arguments, taken from `owner`'s attributes of the same names."""
-    params = list(inspect.signature(_tuner(tuner).inject).parameters)[1:]
-    return {p: getattr(owner, p) for p in params if hasattr(owner, p)}
+    """The method's hyper-parameters, read from `owner`'s attributes of the same names; a missing one is an error."""
+    names = method(tuner).hyperparameters
+    missing = [n for n in names if not hasattr(owner, n)]
+    if missing:
+        who = owner.__name__ if isinstance(owner, type) else type(owner).__name__
+        raise InputError(f"{who} uses method '{tuner}' but sets no {', '.join(missing)}; set "
+                         f"{' and '.join(f'`{n} = ...`' for n in missing)} on the class, or subclass the "
+                         f"nnunet-fseft trainer of that method, which sets them.")
+    return {n: getattr(owner, n) for n in names}
 
 
 def apply_tuner(network: nn.Module, tuner: str, owner) -> list:
-    return _tuner(tuner).inject(network, **tuner_hyperparameters(tuner, owner))
+    return inject(network, method(tuner), **tuner_hyperparameters(tuner, owner))
 
 
 def is_mergeable(tuner: Optional[str]) -> bool:
-    return tuner is None or _tuner(tuner).merge is not None
+    return tuner is None or method(tuner).fold is not None
 
 
 def merge_tuner(network: nn.Module, tuner: Optional[str]) -> None:
     """Folds the method's adapters into the network's own weights, in place."""
     if tuner is not None:
-        _tuner(tuner).merge(network)
+        merge(network, method(tuner))

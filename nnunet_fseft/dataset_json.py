@@ -1,0 +1,53 @@
+"""The one reader of nnU-Net's dataset.json (and of the other JSON files users hand us), and
+what our commands need from it.
+
+Every command reads a dataset.json through `read_dataset_json`, so a broken file or a missing
+key is named in one sentence instead of surfacing as a KeyError or the JSON parser's message;
+`read_json` does the same for plans and label maps.
+The keys `combine` writes for the partial-label trainer live here too: the command that writes
+them and the loss that reads them both import this module, not each other.
+"""
+import json
+import os
+
+from nnunet_fseft.errors import InputError
+
+# The keys our commands read, and what each means, for the sentence that says one is missing.
+REQUIRED = {
+    "labels": 'the label names and values, e.g. {"background": 0, "liver": 1}',
+    "file_ending": 'the file ending of its images and labels, e.g. ".nii.gz"',
+    "channel_names": 'the input channels, e.g. {"0": "CT"}',
+}
+
+ANNOTATIONS = "annotations.json"
+ANNOTATIONS_KEY = "fseft_annotations"  # in dataset.json, which nnU-Net copies to preprocessed and results
+
+
+def read_json(path: str, fix: str) -> object:
+    """The JSON in the file at `path`, or one sentence naming the file, where it stops being
+    JSON, and `fix` (what the file must hold)."""
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); {fix}.") from None
+
+
+def read_dataset_json(path: str) -> dict:
+    """The dataset.json at `path`, or one sentence naming the file and what is wrong with it."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path} does not exist; every nnU-Net dataset needs its dataset.json.")
+    content = read_json(path, "fix the file (nnU-Net's dataset.json format)")
+    if not isinstance(content, dict):
+        raise InputError(f"{path} must hold a JSON object (nnU-Net's dataset.json), not a {type(content).__name__}.")
+    for key, meaning in REQUIRED.items():
+        # nnU-Net still reads the old name `modality` for the channels
+        if key not in content and not (key == "channel_names" and "modality" in content):
+            raise InputError(f"{path} has no '{key}' ({meaning}); add it, as nnU-Net's dataset format requires.")
+    return content
+
+
+def channels(dataset_json: dict) -> list:
+    """The input channels' names in order, lower case: what must agree between datasets."""
+    c = dataset_json.get("channel_names", dataset_json.get("modality", {}))
+    return [str(c[k]).strip().lower() for k in sorted(c, key=int)]
