@@ -35,7 +35,7 @@ def main():
     ap.add_argument("--cases", type=int, default=6, help="scans per source dataset")
     ap.add_argument("--organ", default="spleen", choices=BASE_ORGANS, help="few-shot target organ")
     ap.add_argument("--method", default="SpatialAdapter")
-    ap.add_argument("--k", type=int, nargs="+", default=[1, 5])
+    ap.add_argument("-k", "--k", dest="k", type=int, nargs="+", default=[1, 5])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--test", type=int, default=8)
     ap.add_argument("--finetune", type=int, nargs=2, default=[3, 100], help="epochs and iterations per epoch")
@@ -90,7 +90,8 @@ def main():
         d.say(f"{kind} foundation: few-shot {args.method} (nnunet-fseft benchmark)")
         result = benchmark(model, str(target_id), args.k, args.repeats, [args.method], args.test,
                            os.path.join(args.workdir, f"fewshot_{kind}"), device=args.device)
-        report["zero_shot"][kind] = float(np.mean(list(result["zero_shot"].values())))
+        zero = result["zero_shot"]  # None: the foundation knows no label of the target
+        report["zero_shot"][kind] = float(np.mean(list(zero.values()))) if zero else None
         report["fewshot"] += [{"foundation": kind, "K": r["K"], "repeat": r["repeat"],
                                "dice": r["per_label"][args.organ]["dice"]} for r in result["runs"]]
 
@@ -114,8 +115,10 @@ def main():
         cells = []
         for k in args.k:
             v = [r["dice"] for r in report["fewshot"] if r["foundation"] == kind and r["K"] == k]
-            cells.append(f"{np.mean(v):.3f} ± {np.std(v):.3f} ({', '.join(f'{x:.3f}' for x in v)})")
-        lines.append(f"| {kind} | {report['zero_shot'][kind]:.3f} | " + " | ".join(cells) + " |")
+            cells.append(f"{np.mean(v):.3f} ± {np.std(v):.3f} ({', '.join(f'{x:.3f}' for x in v)})" if v else
+                         "failed (see its benchmark's report.md)")
+        zero = report["zero_shot"][kind]
+        lines.append(f"| {kind} | {f'{zero:.3f}' if zero is not None else '-'} | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     print("\n" + text)
     with open(os.path.join(args.workdir, "report.md"), "w") as f:

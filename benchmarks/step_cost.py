@@ -25,7 +25,7 @@ from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-from nnunet_fseft.adapter_file import _safetensors_bytes, trained_tensors
+from nnunet_fseft.adapter_file import safetensors_bytes, trained_tensors
 from nnunet_fseft.blackbox import build_black_box
 from nnunet_fseft.parameters import count_parameters
 from nnunet_fseft.trainers import METHODS as TRAINERS
@@ -67,7 +67,7 @@ def build(method_cls, args, device, deep_supervision=True):
 
 
 def file_bytes(net) -> int:
-    return len(_safetensors_bytes(trained_tensors(net), {}))
+    return len(safetensors_bytes(trained_tensors(net), {}))
 
 
 def synchronize(device):

@@ -44,7 +44,8 @@ def method_settings(trainer_class) -> dict:
     return settings
 
 
-def _safetensors_bytes(tensors: Dict[str, torch.Tensor], info: dict) -> bytes:
+def safetensors_bytes(tensors: Dict[str, torch.Tensor], info: dict) -> bytes:
+    """The adapter file's bytes: `tensors` with `info` as its metadata (what `params` reports as its size)."""
     from safetensors.torch import save
     return save(tensors, metadata={METADATA_KEY: json.dumps(info)})
 
@@ -71,7 +72,7 @@ def export_adapter(folder: str, out: str, fold: str = "0", checkpoint: str = "ch
         "plans": plans,
         "dataset_json": dataset_json,
     }
-    data = _safetensors_bytes(trained_tensors(network), info)
+    data = safetensors_bytes(trained_tensors(network), info)
     if os.path.isdir(out) or out.endswith(os.sep):  # a folder is never moved aside: the file goes into it
         out = os.path.join(out, f"{plans['dataset_name']}__{trainer_class.__name__}__fold_{fold}.safetensors")
     if os.path.isdir(out + ".json"):

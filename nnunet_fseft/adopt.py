@@ -4,12 +4,16 @@ Writes the foundation's plans for the target under a new plans name, records in 
 which checkpoint is the foundation (and its label names), and runs nnU-Net's own
 preprocessing of the target with those plans. Every check runs before preprocessing, and
 preprocessing writes under a temporary plans name and data folder that replace the dataset's
-plans and data only once it is complete: an interrupted adopt leaves them as they were.
+plans and data only once it is complete: an interrupted adopt leaves them (and the dataset.json
+it replaces, kept in a temporary file meanwhile) as they were, or as the next adopt puts them back.
 """
 import copy
 import json
 import os
+import re
+import secrets
 import shutil
+import socket
 
 import torch
 
@@ -19,9 +23,11 @@ from nnunet_fseft.foundation import PLANS_KEY, read_checkpoint, sha256
 from nnunet_fseft.plans_io import check_plans_name
 from nnunet_fseft.safety import backup_name, dataset_name, require_env, save_json_kept
 
-# Beginning of the names of an adopt's temporary files in the dataset's preprocessed folder;
-# the process id follows, so a later adopt knows which ones an interrupted run left behind.
+# Beginning of the names of an adopt's temporary files in the dataset's preprocessed folder
+# (host, process id and a random token follow: see _Scratch).
 TEMPORARY = ".fseft-adopt-"
+# In the temporary plans: the data folder the adopt swaps, so that a later adopt can undo it.
+SWAPPED_DATA_KEY = "fseft_adopt_swaps"
 # Beyond this a weight overflows to infinity in the float16 of nnU-Net's mixed-precision training.
 FLOAT16_MAX = 65504.0
 
@@ -108,7 +114,13 @@ def adopt(foundation: str, target: str, fold: str = "all", checkpoint: str = "ch
 def _preprocess_then_swap(name: str, plans: dict, plans_file: str, configuration: str, num_processes: int) -> None:
     """nnU-Net's fingerprint and preprocessing of the target with `plans`, into a temporary plans
     name and data folder; then the data folder is renamed into place and the plans are written.
-    Until then the dataset keeps its plans, data and dataset.json; an error puts them back as they were."""
+    Until then the dataset keeps its plans and data, and its old dataset.json lies in a temporary
+    file: an error puts everything back at once, and after a kill (SIGKILL, OOM) the next adopt does.
+
+    Not atomic: a kill between renaming the new data into place and writing the plans (two renames
+    and one small write) leaves the new data beside the old plans until the next adopt puts the old
+    data back; and gt_segmentations is updated in place (nnU-Net copies the raw labels into it, the
+    same files each time)."""
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
     from nnunetv2.utilities.dataset_name_id_conversion import convert_dataset_name_to_id
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -116,61 +128,117 @@ def _preprocess_then_swap(name: str, plans: dict, plans_file: str, configuration
     target_id = convert_dataset_name_to_id(name)
     created = not os.path.isdir(out)
     _remove_leftovers(out)
-    temporary = f"{TEMPORARY}{os.getpid()}-"
+    scratch = _Scratch(out)
+    data = os.path.join(out, PlansManager(plans).get_configuration(configuration).data_identifier)
     scratch_plans = copy.deepcopy(plans)
-    scratch_plans["configurations"][configuration]["data_identifier"] = f"{temporary}data"
-    scratch_data = os.path.join(out, f"{temporary}data")
-    scratch_plans_file = os.path.join(out, f"{temporary}plans.json")
+    scratch_plans["configurations"][configuration]["data_identifier"] = os.path.basename(scratch.data)
+    scratch_plans[SWAPPED_DATA_KEY] = os.path.basename(data)
     dataset_json = os.path.join(out, "dataset.json")
-    old_dataset_json = open(dataset_json, "rb").read() if os.path.isfile(dataset_json) else None
     try:
         os.makedirs(out, exist_ok=True)
+        with open(scratch.plans, "w") as f:  # first: while it exists, the adopt is undone, not finished
+            json.dump(scratch_plans, f, indent=2)
+        if os.path.isfile(dataset_json):
+            shutil.copy2(dataset_json, scratch.dataset_json)
         if not os.path.isfile(os.path.join(out, "dataset_fingerprint.json")):
             extract_fingerprint_dataset(target_id, num_processes=num_processes, check_dataset_integrity=True,
                                         clean=True, verbose=False)
         shutil.copyfile(os.path.join(raw, "dataset.json"), dataset_json)  # nnU-Net's preprocessing reads it there
-        with open(scratch_plans_file, "w") as f:
-            json.dump(scratch_plans, f, indent=2)
-        preprocess_dataset(target_id, os.path.basename(scratch_plans_file)[:-len(".json")], [configuration],
+        preprocess_dataset(target_id, os.path.basename(scratch.plans)[:-len(".json")], [configuration],
                            [num_processes])
+        if os.path.isdir(data):
+            os.rename(data, scratch.old_data)
+        os.rename(scratch.data, data)
+        save_json_kept(plans, plans_file)
     except BaseException:
         if created:
             shutil.rmtree(out, ignore_errors=True)
         else:
-            for path in (scratch_data, scratch_plans_file):
-                _remove(path)
-            if old_dataset_json is None:
-                _remove(dataset_json)
-            else:
-                with open(dataset_json, "wb") as f:
-                    f.write(old_dataset_json)
+            _undo(scratch, data)
         raise
-    data = os.path.join(out, PlansManager(plans).get_configuration(configuration).data_identifier)
-    old_data = os.path.join(out, f"{temporary}old-data")
-    if os.path.isdir(data):
-        os.rename(data, old_data)
-    os.rename(scratch_data, data)
-    save_json_kept(plans, plans_file)
-    _remove(scratch_plans_file)
-    _remove(old_data)
-    if old_dataset_json is not None and not _same_json(old_dataset_json, open(dataset_json, "rb").read()):
-        with open(backup_name(dataset_json), "wb") as f:  # the dataset.json it was preprocessed with before
-            f.write(old_dataset_json)
+    _remove(scratch.plans)  # the swap is complete: the old dataset.json is now a backup, not to restore
+    _finish(scratch)
 
 
-def _same_json(a: bytes, b: bytes) -> bool:
+class _Scratch:
+    """The names of one adopt's temporary files in the preprocessed folder `out`:
+    .fseft-adopt-HOST-PID-TOKEN-WHAT. The host and process id tell a later adopt whether the one
+    that wrote them is still running (nnUNet_preprocessed may be shared by several machines); the
+    random token keeps apart adopts whose process ids collide (containers)."""
+    _REST = re.compile(r"(\d+)-([0-9a-f]{8})-(.+)")
+
+    def __init__(self, out: str, pid: int = None, token: str = None):
+        self.out, self.pid, self.token = out, pid or os.getpid(), token or secrets.token_hex(4)
+        prefix = os.path.join(out, f"{_this_host_prefix()}{self.pid}-{self.token}-")
+        self.data, self.old_data = prefix + "data", prefix + "old-data"
+        self.plans, self.dataset_json = prefix + "plans.json", prefix + "dataset.json"
+
+    @classmethod
+    def parse(cls, out: str, entry: str):
+        """The _Scratch whose file `entry` is, if an adopt on this host wrote it; else None."""
+        prefix = _this_host_prefix()
+        match = cls._REST.fullmatch(entry[len(prefix):]) if entry.startswith(prefix) else None
+        return cls(out, int(match.group(1)), match.group(2)) if match else None
+
+
+def _this_host_prefix() -> str:
+    host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"  # no '-': it separates the fields
+    return f"{TEMPORARY}{host}-"
+
+
+def _undo(scratch: "_Scratch", data) -> None:
+    """Puts back the old data folder `data` (if the swap had begun) and the old dataset.json, and
+    removes an unfinished adopt's temporary files."""
+    if data and os.path.isdir(scratch.old_data):  # the old data was renamed aside: the new may be in its place
+        if not os.path.isdir(scratch.data):
+            _remove(data)
+        os.rename(scratch.old_data, data)
+    if os.path.isfile(scratch.dataset_json):
+        os.replace(scratch.dataset_json, os.path.join(scratch.out, "dataset.json"))
+    for path in (scratch.data, scratch.plans):
+        _remove(path)
+
+
+def _finish(scratch: "_Scratch") -> None:
+    """After a complete swap: the dataset.json it was preprocessed with before is kept as a backup
+    if it differs from the new one, and the old data is removed."""
+    dataset_json = os.path.join(scratch.out, "dataset.json")
+    if os.path.isfile(scratch.dataset_json):
+        if _same_json(scratch.dataset_json, dataset_json):
+            _remove(scratch.dataset_json)
+        else:
+            os.replace(scratch.dataset_json, backup_name(dataset_json))
+    _remove(scratch.old_data)
+
+
+def _same_json(a: str, b: str) -> bool:
     try:
-        return json.loads(a) == json.loads(b)
-    except ValueError:
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            return json.load(fa) == json.load(fb)
+    except (OSError, ValueError):
         return False
 
 
 def _remove_leftovers(folder: str) -> None:
-    """Removes what an interrupted adopt (a process no longer running) left in the preprocessed folder."""
-    for entry in os.listdir(folder) if os.path.isdir(folder) else []:
-        pid = entry[len(TEMPORARY):].split("-")[0] if entry.startswith(TEMPORARY) else ""
-        if pid.isdigit() and not _running(int(pid)):
-            _remove(os.path.join(folder, entry))
+    """Completes what an interrupted adopt on this host (a process no longer running) left in the
+    preprocessed folder: undone if it had not written its plans (old data and dataset.json put
+    back), finished if it had (the old dataset.json kept as a backup); its temporary files removed.
+    Another host's files are left alone: we cannot tell whether the adopt there is still running."""
+    interrupted = {}
+    for entry in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        scratch = _Scratch.parse(folder, entry)
+        if scratch is not None and not _running(scratch.pid):
+            interrupted[(scratch.pid, scratch.token)] = scratch
+    for scratch in interrupted.values():
+        if not os.path.isfile(scratch.plans):
+            _finish(scratch)
+            continue
+        try:
+            with open(scratch.plans) as f:
+                data = os.path.join(folder, json.load(f)[SWAPPED_DATA_KEY])
+        except (OSError, ValueError, KeyError):  # cut short while written, first of all: nothing else was done
+            data = None
+        _undo(scratch, data)
 
 
 def _running(pid: int) -> bool:

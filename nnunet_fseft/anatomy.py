@@ -92,7 +92,8 @@ def conv_geometry(module: nn.Module) -> Tuple[type, int, int, Tuple[int, ...]]:
     convs = [m for name, m in module.named_modules()
              if isinstance(m, CONV_TYPES) and ".skip" not in f".{name}" and "fseft_" not in name]
     if not convs:
-        raise ValueError(f"{type(module).__name__} holds no convolution to adapt.")
+        raise InputError(f"{type(module).__name__} holds no convolution for a conv adapter to fit; use a method that "
+                         f"does not need one here, such as LoRA or BitFit.")
     stride = [1] * (convs[0].weight.dim() - 2)
     for c in convs:
         stride = [s * t for s, t in zip(stride, c.stride)]

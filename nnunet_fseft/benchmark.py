@@ -4,7 +4,9 @@ Every method x K x repeat is one fold of one splits_final.json: fold i * repeats
 K_i support cases drawn with seed r (nested: the K = 1 case is among the K = 5 ones) and every
 fold validates on the same held-out cases. So all runs live side by side in nnU-Net's results
 layout, one splits file is written (the user's is kept as a backup) and nothing is retrained
-when the benchmark is run again: a run is done when its row is in runs.jsonl.
+when the benchmark is run again: a run is done when its row is in runs.jsonl. A run whose command
+fails is recorded there as failed, with the reason, and the protocol goes on with the others; the
+report lists it, and the next benchmark run retries it.
 
 The output folder holds one benchmark: its benchmark.json names the dataset, the foundation
 (sha256), the schedule and the held-out cases, and a benchmark of anything else is refused
@@ -21,7 +23,7 @@ from typing import List, Optional
 import numpy as np
 
 from nnunet_fseft.errors import InputError
-from nnunet_fseft.runner import quiet, run
+from nnunet_fseft.runner import CommandFailed, quiet, run
 from nnunet_fseft.safety import backup_name, keep_existing
 
 PLANS = "FSEFTPlans"
@@ -65,7 +67,10 @@ class OutputFolder:
         self.manifest_path = os.path.join(path, MANIFEST)
         self.created = not os.path.exists(path)
         self.claimed = False  # benchmark.json written by this call
+        self.backups = []  # (file, its backup) moved aside by this call's claim()
         self.manifest = self._read()
+        # runs of a benchmark from before benchmark.json existed: nothing says which benchmark they are of
+        self.legacy = self.manifest is None and os.path.isfile(os.path.join(path, "runs.jsonl"))
         if self.manifest is not None:
             self._refuse_another(self.manifest["identity"])
 
@@ -98,11 +103,14 @@ class OutputFolder:
         os.makedirs(self.path, exist_ok=True)
         if self.manifest is not None:
             return []
-        kept = [b for b in (keep_existing(os.path.join(self.path, name)) for name in OUTPUTS) if b]
+        for name in OUTPUTS:
+            backup = keep_existing(os.path.join(self.path, name))
+            if backup:
+                self.backups.append((os.path.join(self.path, name), backup))
         self.manifest = {"identity": self.identity, "written": {}}
         self.save()
         self.claimed = True
-        return kept
+        return [b for _, b in self.backups]
 
     def replace(self, name: str) -> str:
         """The path of a report file about to be written; one there that the benchmark did not write
@@ -119,17 +127,25 @@ class OutputFolder:
         with open(self.manifest_path, "w") as f:
             json.dump(self.manifest, f, indent=1)
 
-    def tidy(self) -> None:
-        """After the benchmark, also one that stopped early: no empty log is left, and what this call
-        claimed but never used (no run, no log) is removed again, the folder too if it made it."""
+    def tidy(self) -> List[str]:
+        """After the benchmark, also one that stopped early (a refusal in adopt, say): no empty log is
+        left, and what this call claimed but never used (no run, no log) is undone: its files are
+        removed, the ones it moved to backups are moved back, the folder is removed if it made it.
+        Returns the files moved back."""
+        restored = []
         if os.path.isfile(self.log) and os.path.getsize(self.log) == 0:
             os.remove(self.log)
         if self.claimed and not os.path.exists(self.log) and not os.path.exists(os.path.join(self.path, "runs.jsonl")):
             os.remove(self.manifest_path)
             if os.path.isdir(os.path.join(self.path, "held_out")):
                 shutil.rmtree(os.path.join(self.path, "held_out"))  # symbolic links: the images stay
+            for original, backup in self.backups:
+                if not os.path.exists(original):
+                    shutil.move(backup, original)
+                    restored.append(original)
             if self.created and not os.listdir(self.path):
                 os.rmdir(self.path)
+        return restored
 
 
 def _digest(path: str) -> Optional[str]:
@@ -216,19 +232,27 @@ def benchmark(foundation: str, dataset: str, ks: List[int], repeats: int, method
     identity = {"dataset": name, "foundation_sha256": sha256(checkpoint), "schedule": schedule(),
                 "held_out": splits[0]["val"]}
     folder = OutputFolder(out, identity)  # refuses another benchmark's folder
-    for backup in folder.claim():
-        print(f"Kept {os.path.basename(backup).split('.bak-')[0]} (not written by a benchmark) as {backup}")
+    backups = folder.claim()
+    if folder.legacy:
+        print(f"{out} was written by an older nnunet-fseft (it has no {MANIFEST}, so nothing says which benchmark "
+              f"its runs are of): its runs are kept in {dict(folder.backups)[os.path.join(out, 'runs.jsonl')]} "
+              f"and are retrained (their fold folders kept as fold_N.bak-*), its other files kept as backups too")
+    else:
+        for backup in backups:
+            print(f"Kept {os.path.basename(backup).split('.bak-')[0]} (not written by a benchmark) as {backup}")
     try:
         return _run_all(folder, foundation, fold, name, raw, images, ks, repeats, trainers, splits, device)
     finally:
-        folder.tidy()
+        restored = folder.tidy()
+        if restored:
+            print(f"Nothing ran, so {', '.join(os.path.basename(f) for f in restored)} moved back from the backups")
 
 
 def _run_all(folder: OutputFolder, foundation: str, fold: str, name: str, raw: str, images: dict, ks: list,
              repeats: int, trainers: dict, splits: list, device: str) -> dict:
-    from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunet_fseft.adopt import adopt
     from nnunet_fseft.costs import method_costs
+    from nnunet_fseft.dataset_json import read_json
     from nnunet_fseft.foundation import PLANS_KEY
     from nnunet_fseft.plans_io import load_plans
     from nnunet_fseft.safety import save_json_kept
@@ -236,7 +260,9 @@ def _run_all(folder: OutputFolder, foundation: str, fold: str, name: str, raw: s
 
     preprocessed, results_root = os.environ["nnUNet_preprocessed"], os.environ["nnUNet_results"]
     plans_file = os.path.join(preprocessed, name, PLANS + ".json")
-    recorded = load_json(plans_file).get(PLANS_KEY, {}) if os.path.isfile(plans_file) else {}
+    recorded = {}
+    if os.path.isfile(plans_file):
+        recorded = read_json(plans_file, "remove it, and the benchmark adopts the foundation again").get(PLANS_KEY, {})
     if recorded.get("sha256") != folder.identity["foundation_sha256"]:
         print(f"adopting {foundation} for {name}", flush=True)
         with quiet(folder.log):
@@ -250,21 +276,11 @@ def _run_all(folder: OutputFolder, foundation: str, fold: str, name: str, raw: s
     held_out = link_held_out(images, splits[0]["val"], os.path.join(folder.path, "held_out"))
     labels = {v: n for n, v in dataset_json["labels"].items() if isinstance(v, int) and v > 0}
 
-    done_path = os.path.join(folder.path, "runs.jsonl")
-    done = [json.loads(line) for line in open(done_path)] if os.path.isfile(done_path) else []
-    finished = {(r["method"], r["K"], r["repeat"], tuple(r["support"])) for r in done}
-    todo = [(k, r, m) for k in ks for r in range(repeats) for m in trainers]
-    for i, (k, r, m) in enumerate(todo):
-        f = ks.index(k) * repeats + r
-        support = splits[f]["train"]
-        if (m, k, r, tuple(support)) in finished:
-            print(f"[{i + 1}/{len(todo)}] {m} K={k} repeat {r}: done earlier, skipped", flush=True)
-            continue
-        print(f"[{i + 1}/{len(todo)}] {m} K={k} repeat {r} (fold {f})", flush=True)
+    def one_run(m: str, k: int, r: int, f: int) -> dict:
+        """Trains, predicts and scores one run; a failed command raises CommandFailed."""
         trainer = trainers[m]
         env = run_env(METHODS[trainer], device, held_out)
-        model = os.path.join(results_root, name, f"{trainer}__{PLANS}__{configuration}")
-        fold_dir = os.path.join(model, f"fold_{f}")
+        fold_dir = os.path.join(results_root, name, f"{trainer}__{PLANS}__{configuration}", f"fold_{f}")
         if os.path.isdir(fold_dir):  # not a finished run of ours: keep it rather than overwrite it
             os.rename(fold_dir, backup_name(fold_dir))
         t0 = time.time()
@@ -277,16 +293,55 @@ def _run_all(folder: OutputFolder, foundation: str, fold: str, name: str, raw: s
              "-p", PLANS, "-tr", trainer, "-device", device, "--disable_tta"], log=folder.log, env=env)
         metrics = _evaluate(os.path.join(raw, "labelsTr"), pred, plans, dataset_json)
         cost = costs.get(trainer, {})
-        row = {"method": m, "K": k, "repeat": r, "fold": f, "support": support, "wall_s": round(wall, 1),
-               "peak_gpu_mib": _peak_gpu(train_log), "peak_host_mib": round(peak_host, 1),
-               "trainable": cost.get("trainable"), "total": cost.get("total"), "adapter_bytes": cost.get("file_bytes"),
-               "device": device, "machine": machine(), "versions": versions(),
-               "per_label": {labels[int(l)]: v for l, v in metrics.items()}}
+        return {"wall_s": round(wall, 1), "peak_gpu_mib": _peak_gpu(train_log), "peak_host_mib": round(peak_host, 1),
+                "trainable": cost.get("trainable"), "total": cost.get("total"), "adapter_bytes": cost.get("file_bytes"),
+                "per_label": {labels[int(l)]: v for l, v in metrics.items()}}
+
+    todo = [(m, k, r, ks.index(k) * repeats + r) for k in ks for r in range(repeats) for m in trainers]
+    runs = run_pending(folder, todo, splits, device, one_run)
+    zero = zero_shot_scores(folder, name, plans, dataset_json, device)
+    result = write_reports(folder, runs, zero, ks, list(trainers))
+    if result["failed"]:
+        print(f"{len(result['failed'])} of {len(todo)} runs failed (listed in {os.path.join(folder.path, 'report.md')},"
+              f" all their output in {folder.log}); run the benchmark again to retry them", flush=True)
+    return result
+
+
+def run_pending(folder: OutputFolder, todo: list, splits: list, device: str, one_run) -> list:
+    """Runs each of `todo` ((method, K, repeat, fold) each) that runs.jsonl has no finished row of:
+    `one_run(method, K, repeat, fold)` gives its measurements, or raises CommandFailed, which is
+    recorded as a failed run (with the last line of its error as the reason) before the next run
+    starts; one failed earlier is retried. Returns the latest row of every run in `todo`, after the
+    finished runs of the folder that `todo` does not ask for (another K, say)."""
+    done_path = os.path.join(folder.path, "runs.jsonl")
+    latest = {}  # appended rows: a retried run's row comes after its failed one
+    if os.path.isfile(done_path):
+        for line in open(done_path):
+            row = json.loads(line)
+            latest[(row["method"], row["K"], row["repeat"], tuple(row["support"]))] = row
+    asked = {(m, k, r, tuple(splits[f]["train"])) for m, k, r, f in todo}
+    runs = [row for key, row in latest.items() if key not in asked and "failed" not in row]
+    for i, (m, k, r, f) in enumerate(todo):
+        support = splits[f]["train"]
+        earlier = latest.get((m, k, r, tuple(support)))
+        step = f"[{i + 1}/{len(todo)}] {m} K={k} repeat {r}"
+        if earlier is not None and "failed" not in earlier:
+            print(f"{step}: done earlier, skipped", flush=True)
+            runs.append(earlier)
+            continue
+        retry = f", failed earlier ({earlier['failed']}): retried" if earlier is not None else ""
+        print(f"{step} (fold {f}){retry}", flush=True)
+        row = {"method": m, "K": k, "repeat": r, "fold": f, "support": support}
+        try:
+            row.update(one_run(m, k, r, f))
+        except CommandFailed as e:
+            row["failed"] = e.reason
+            print(f"{step} failed: {row['failed']}", flush=True)
+        row.update({"device": device, "machine": machine(), "versions": versions()})
         with open(done_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
-        done.append(row)
-    zero = _zero_shot(folder, name, device)
-    return write_reports(folder, done, zero, ks, list(trainers))
+        runs.append(row)
+    return runs
 
 
 def _glob(folder, prefix):
@@ -317,19 +372,28 @@ def _evaluate(reference: str, pred: str, plans: dict, dataset_json: dict) -> dic
     return out
 
 
-def _zero_shot(folder: OutputFolder, name: str, device: str) -> Optional[dict]:
-    """The foundation alone on the same held-out cases, for the labels it knows; None if none match."""
+def zero_shot_scores(folder: OutputFolder, name: str, plans: dict, dataset_json: dict, device: str) -> Optional[dict]:
+    """The foundation alone on the same held-out cases, for the labels it knows (zero_shot.json);
+    None, and no zero-shot row, when it knows none of them. Any other error is raised, and nothing
+    is written: the next benchmark run computes it again."""
+    from nnunet_fseft.dataset_json import read_json
+    from nnunet_fseft.foundation import recorded_foundation
+    from nnunet_fseft.labels import match_labels
     from nnunet_fseft.zeroshot import zeroshot
+    foundation_labels = recorded_foundation(plans)["labels"]
+    if any(not isinstance(v, int) for v in foundation_labels.values()):
+        print("zero-shot: none (the foundation predicts regions, which cannot be renamed to the target's labels)")
+        return None
+    if not match_labels(dataset_json["labels"], foundation_labels):
+        print(f"zero-shot: none (no label of {name} is a class the foundation knows)")
+        return None
     path = os.path.join(folder.path, "zero_shot.json")
     if os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f)
+        dice = read_json(path, "remove it, and the benchmark computes it again")
+        if isinstance(dice, dict):  # (older versions wrote null after any error)
+            return dice
     with quiet(folder.log):
-        try:
-            dice, _ = zeroshot(name, PLANS, 0, os.path.join(folder.path, "predictions", "zero_shot"), device, False)
-        except InputError as e:  # no label of the target is a class of the foundation
-            print(f"zero-shot: {e}")
-            dice = None
+        dice, _ = zeroshot(name, PLANS, 0, os.path.join(folder.path, "predictions", "zero_shot"), device, False)
     with open(folder.replace("zero_shot.json"), "w") as f:
         json.dump(dice, f)
     folder.wrote("zero_shot.json")
@@ -337,7 +401,10 @@ def _zero_shot(folder: OutputFolder, name: str, device: str) -> Optional[dict]:
 
 
 def write_reports(folder: OutputFolder, runs: list, zero: Optional[dict], ks: list, methods: list) -> dict:
-    """results.csv, results.json, report.md and the figures in the benchmark's folder."""
+    """results.csv, results.json, report.md and the figures in the benchmark's folder; `runs` may hold
+    failed runs (a `failed` reason instead of measurements): they are listed, not scored."""
+    failed = [r for r in runs if "failed" in r]
+    runs = [r for r in runs if "failed" not in r]
     rows = []
     for one in runs:
         for label, m in one["per_label"].items():
@@ -363,25 +430,33 @@ def write_reports(folder: OutputFolder, runs: list, zero: Optional[dict], ks: li
                                     "trainable": rs[0]["trainable"], "adapter_bytes": rs[0]["adapter_bytes"],
                                     "wall_s": float(np.mean([r["wall_s"] for r in rs])),
                                     "peak_gpu_mib": rs[0]["peak_gpu_mib"], "peak_host_mib": float(np.mean([r["peak_host_mib"] for r in rs]))}
-    result = {"benchmark": folder.identity, "runs": runs, "summary": summary, "zero_shot": zero}
+    result = {"benchmark": folder.identity, "runs": runs, "failed": failed, "summary": summary, "zero_shot": zero}
     with open(folder.replace("results.json"), "w") as f:
         json.dump(result, f, indent=1)
     folder.wrote("results.json")
     figures = _figures(folder, summary, ks, methods)
-    lines = ["# FSEFT benchmark", "", f"Machine: {json.dumps(runs[0]['machine']) if runs else '-'}; "
-             f"versions: {json.dumps(runs[0]['versions']) if runs else '-'}.", "",
+    one = (runs or failed or [None])[0]
+    lines = ["# FSEFT benchmark", "", f"Machine: {json.dumps(one['machine']) if one else '-'}; "
+             f"versions: {json.dumps(one['versions']) if one else '-'}.", "",
              "| method | " + " | ".join(f"K={k} Dice (mean ± sd)" for k in ks) + " | trainable | adapter file | train s | peak GPU MiB | peak host MiB |",
              "|---|" + "---|" * (len(ks) + 5)]
     if zero:
         lines.append("| zero-shot | " + " | ".join(f"{np.mean(list(zero.values())):.3f}" for _ in ks) + " | 0 | 0 | 0 | - | - |")
     for m in methods:
         s = [summary.get(f"{m}|K={k}") for k in ks]
-        first = next(x for x in s if x) if any(s) else None
-        if first is None:
+        lost = [sum(r["method"] == m and r["K"] == k for r in failed) for k in ks]
+        cells = [(_mean_sd(x["dice_mean"], x["dice_sd"], x["repeats"]) + (f" ({n} failed)" if n else "")) if x
+                 else "failed" if n else "-" for x, n in zip(s, lost)]
+        first = next((x for x in s if x), None)
+        if first is None and not any(lost):
             continue
-        lines.append(f"| {m} | " + " | ".join(_mean_sd(x["dice_mean"], x["dice_sd"], x["repeats"]) if x else "-" for x in s)
-                     + f" | {first['trainable']:,} | {first['adapter_bytes']:,} B | {first['wall_s']:.0f} | "
-                     f"{first['peak_gpu_mib'] if first['peak_gpu_mib'] is not None else '-'} | {first['peak_host_mib']:.0f} |")
+        cost = (f"{first['trainable']:,} | {first['adapter_bytes']:,} B | {first['wall_s']:.0f} | "
+                f"{first['peak_gpu_mib'] if first['peak_gpu_mib'] is not None else '-'} | {first['peak_host_mib']:.0f}"
+                if first else "- | - | - | - | -")
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {cost} |")
+    if failed:
+        lines += ["", "Failed runs (run the benchmark again to retry them; their output is in log.txt):", ""]
+        lines += [f"- {r['method']} K={r['K']} repeat {r['repeat']} (fold {r['fold']}): {r['failed']}" for r in failed]
     lines += ["", "Per label (Dice / sensitivity / specificity, mean over repeats):", "",
               "| method | K | label | Dice | sensitivity | specificity |", "|---|---|---|---|---|---|"]
     for x in summary.values():

@@ -3,7 +3,7 @@ parameters and the size of its adapter file (what `nnunet-fseft params` prints a
 `benchmark` reports)."""
 from typing import List
 
-from nnunet_fseft.adapter_file import _safetensors_bytes, trained_tensors
+from nnunet_fseft.adapter_file import safetensors_bytes, trained_tensors
 from nnunet_fseft.errors import InputError
 from nnunet_fseft.model_folder import build_network
 from nnunet_fseft.parameters import count_parameters
@@ -21,7 +21,7 @@ def method_costs(plans: dict, dataset_json: dict, configuration: str, trainers) 
             rows.append({"method": t.__name__, "not_applicable": str(e)})
             continue
         trainable, total = count_parameters(network)
-        size = len(_safetensors_bytes(trained_tensors(network), {"method": t.__name__, "plans": plans,
+        size = len(safetensors_bytes(trained_tensors(network), {"method": t.__name__, "plans": plans,
                                                                  "dataset_json": dataset_json}))
         adapters = sum(p.numel() for n, p in network.named_parameters() if is_adapter_parameter(n))
         rows.append({"method": t.__name__, "trainable": trainable, "total": total, "file_bytes": size,

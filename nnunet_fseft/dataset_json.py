@@ -25,12 +25,15 @@ ANNOTATIONS_KEY = "fseft_annotations"  # in dataset.json, which nnU-Net copies t
 
 def read_json(path: str, fix: str) -> object:
     """The JSON in the file at `path`, or one sentence naming the file, where it stops being
-    JSON, and `fix` (what the file must hold)."""
-    with open(path) as f:
+    JSON (or that it is not text at all), and `fix` (what the file must hold)."""
+    with open(path, encoding="utf-8") as f:
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
             raise InputError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); {fix}.") from None
+        except UnicodeDecodeError as e:
+            raise InputError(f"{path} is not valid JSON (it is not UTF-8 text: byte {e.start} cannot be decoded, "
+                             f"so it is binary or another encoding); {fix}.") from None
 
 
 def read_dataset_json(path: str) -> dict:

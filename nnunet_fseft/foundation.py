@@ -17,6 +17,10 @@ from nnunet_fseft.tuners import is_adapter_parameter
 
 # `nnunet-fseft adopt` writes this key into the plans; nnU-Net ignores keys it does not know.
 PLANS_KEY = "fseft_foundation"
+# How nnunetv2.utilities.find_objects.recursive_find_trainer_class_by_name says that no trainer
+# has the name, and that the class of that name is not a trainer.
+TRAINER_NOT_FOUND = "Could not find requested nnunet trainer"
+TRAINER_NOT_A_TRAINER = "must inherit from 'nnUNetTrainer'"
 
 
 def recorded_foundation(plans: dict) -> Optional[dict]:
@@ -126,9 +130,18 @@ def find_trainer(name: str):
     try:
         with quiet():  # it prints every module it inspects
             return recursive_find_trainer_class_by_name(name)
-    except (RuntimeError, AssertionError):
+    # Only nnU-Net's own two refusals are the user's input; anything else (an error raised while a
+    # trainer module is imported, a bug in a user's trainer file) keeps its traceback.
+    except RuntimeError as e:
+        if not str(e).startswith(TRAINER_NOT_FOUND):
+            raise
         raise InputError(f"Trainer {name} cannot be found; install the package that defines it "
                          f"(or add its folder to nnUNet_extTrainer).") from None
+    except AssertionError as e:
+        if TRAINER_NOT_A_TRAINER not in str(e):
+            raise
+        raise InputError(f"{name} is not an nnU-Net trainer (it does not inherit from nnUNetTrainer); "
+                         f"pass the name of a trainer class.") from None
 
 
 def architecture_trainer(plans: dict):

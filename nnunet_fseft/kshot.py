@@ -35,13 +35,15 @@ def kshot_splits(cases: list, k: int, repeats: int, seed: int, test: int) -> lis
 
 def write_kshot_splits(dataset: str, k: int, repeats: int = 3, seed: int = 0, test: int = 10):
     """Writes nnUNet_preprocessed/DatasetX/splits_final.json (an existing one is kept as a backup).
-    Returns (path, splits, backup path or '')."""
+    Returns (path, splits, backup path or '', warnings: a sentence for each group of identical folds).
+    Identical folds are written anyway: they still measure the training's own variation."""
     name = dataset_name(dataset)
-    splits = kshot_splits(training_cases(name), k, repeats, seed, test)
+    cases = training_cases(name)
+    splits = kshot_splits(cases, k, repeats, seed, test)
     folder = os.path.join(require_env("nnUNet_preprocessed"), name)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "splits_final.json")
-    return path, splits, save_json_kept(splits, path)
+    return path, splits, save_json_kept(splits, path), identical_fold_warnings(splits, len(cases) - test)
 
 
 def identical_folds(splits: list) -> list:
@@ -51,3 +53,16 @@ def identical_folds(splits: list) -> list:
     for r, fold in enumerate(splits):
         folds.setdefault(tuple(fold["train"]), []).append(r)
     return [group for group in folds.values() if len(group) > 1]
+
+
+def identical_fold_warnings(splits: list, pool: int) -> list:
+    """A sentence for each group of folds of these splits that train on the same support cases;
+    `pool` is the number of cases outside the held-out set. (Folds of other files are not
+    compared: repeat r of seed S is drawn as repeat 0 of seed S + r.)"""
+    k = len(splits[0]["train"])
+    if k >= pool and len(splits) > 1:
+        return [f"K = {k} takes every one of the {pool} cases outside the held-out set, so all {len(splits)} folds "
+                f"train on the same support cases and differ only in training randomness; lower -k or --test for "
+                f"different support sets."]
+    return [f"folds {', '.join(map(str, folds))} drew the same {k} support cases by chance, so they differ only in "
+            f"training randomness; pass another --seed for different support sets." for folds in identical_folds(splits)]

@@ -14,7 +14,6 @@ The loss (PartialLabelLoss) is nnU-Net's Dice + cross-entropy with that meaning:
   so their Dice is undefined, not zero.
 With every class annotated both reduce exactly to nnU-Net's loss.
 """
-import json
 import os
 import shutil
 from typing import Dict, Iterable, List, Optional
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nnunet_fseft.dataset_json import ANNOTATIONS_KEY
+from nnunet_fseft.dataset_json import ANNOTATIONS_KEY, read_json
 from nnunet_fseft.errors import InputError
 
 
@@ -40,8 +39,7 @@ def find_annotations(dataset_json: dict, dataset_name: str, preprocessed_folder:
     for folder in places:
         path = os.path.join(folder, name)
         if os.path.isfile(path):
-            with open(path) as f:
-                annotations = json.load(f)
+            annotations = read_json(path, "write it again with `nnunet-fseft combine`")
             _check_annotations(annotations, path)
             if folder != preprocessed_folder and os.path.isdir(preprocessed_folder):
                 shutil.copy2(path, os.path.join(preprocessed_folder, name))

@@ -6,7 +6,7 @@ import os
 import re
 from typing import Tuple
 
-from nnunet_fseft.dataset_json import read_dataset_json
+from nnunet_fseft.dataset_json import read_dataset_json, read_json
 from nnunet_fseft.errors import InputError
 
 _PLANS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*")
@@ -22,7 +22,6 @@ def check_plans_name(name: str) -> str:
 
 def load_plans(dataset: str, plans_name: str) -> Tuple[dict, dict]:
     """The preprocessed plans and dataset.json of a dataset given by id or name."""
-    from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunet_fseft.safety import require_env
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     check_plans_name(plans_name)
@@ -41,4 +40,5 @@ def load_plans(dataset: str, plans_name: str) -> Tuple[dict, dict]:
                       if "Plans" in f and f.endswith(".json") and not f.startswith("."))
         raise InputError(f"{name} has no plans {plans_name} in nnUNet_preprocessed; available: "
                          f"{', '.join(have) or 'none'} (pass one with -p).")
-    return load_json(plans_file), read_dataset_json(os.path.join(preprocessed, name, "dataset.json"))
+    plans = read_json(plans_file, "write it again with `nnunet-fseft adopt` or nnUNetv2_plan_and_preprocess")
+    return plans, read_dataset_json(os.path.join(preprocessed, name, "dataset.json"))

@@ -3,10 +3,10 @@
 A preset plans file keeps the source plans' `data_identifier`, so it reuses the data
 nnU-Net already preprocessed: only the network changes, not the inputs.
 """
-import json
 import os
 from importlib import resources
 
+from nnunet_fseft.dataset_json import read_json
 from nnunet_fseft.errors import InputError
 from nnunet_fseft.safety import dataset_name, require_env, save_json_kept
 
@@ -16,7 +16,8 @@ def preset(name: str) -> dict:
     known = sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".json"))
     if name not in known:
         raise InputError(f"Unknown plans preset '{name}'; known presets: {', '.join(known)}.")
-    return json.loads((files / f"{name}.json").read_text())
+    with resources.as_file(files / f"{name}.json") as path:
+        return read_json(str(path), "reinstall nnunet-fseft (its plans presets are damaged)")
 
 
 def apply_preset(dataset: str, preset_name: str, source_plans: str = "nnUNetPlans",
@@ -27,8 +28,7 @@ def apply_preset(dataset: str, preset_name: str, source_plans: str = "nnUNetPlan
     src = os.path.join(folder, source_plans + ".json")
     if not os.path.isfile(src):
         raise InputError(f"Plans {src} do not exist; run nnUNetv2_plan_and_preprocess for the dataset first.")
-    with open(src) as f:
-        plans = json.load(f)
+    plans = read_json(src, "run nnUNetv2_plan_and_preprocess for the dataset again")
     arch = plans["configurations"][configuration]["architecture"]["arch_kwargs"]
     arch["features_per_stage"] = [min(p["features_base"] * 2 ** i, p["features_max"])
                                   for i in range(arch["n_stages"])]

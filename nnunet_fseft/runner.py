@@ -8,6 +8,7 @@ prints (and the worker processes it starts) to a log file, or nowhere.
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -20,7 +21,13 @@ TAIL_LINES = 25
 
 
 class CommandFailed(RuntimeError):
-    """A command we started exited with an error; the message names it and shows its last lines."""
+    """A command we started exited with an error; the message names it and shows its last lines.
+    `reason`, one line: the command and its last line of output (where a Python command's error
+    is), or how it ended when that says nothing (a timeout, no output)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 class Finished(subprocess.CompletedProcess):
@@ -39,10 +46,12 @@ def command_path(name: str) -> str:
 
 
 def command_env(command: str, env: Optional[dict] = None) -> dict:
-    """This process's environment with `env` on top, as `command` needs it: unbuffered output;
-    planning gets no non-positive nnUNet_n_proc_DA (nnU-Net's default instead); every other
-    command gets what the caller asks (training: nnUNet_n_proc_DA=0 for small CPU runs)."""
+    """This process's environment with `env` on top (a None value unsets that variable), as
+    `command` needs it: unbuffered output; planning gets no non-positive nnUNet_n_proc_DA (nnU-Net's
+    default instead); every other command gets what the caller asks (training: nnUNet_n_proc_DA=0
+    for small CPU runs)."""
     full = {"PYTHONUNBUFFERED": "1", **os.environ, **(env or {})}  # output in order, and complete at a crash
+    full = {k: v for k, v in full.items() if v is not None}
     if os.path.basename(command) in PLANNING:
         try:
             if int(full.get("nnUNet_n_proc_DA", "1")) < 1:
@@ -52,36 +61,62 @@ def command_env(command: str, env: Optional[dict] = None) -> dict:
     return full
 
 
+def _stop(group: int) -> None:
+    """Kills the command's process group: the command and the workers it started (nnU-Net's data
+    augmentation and preprocessing processes), which would otherwise keep running and keep its
+    output pipe open."""
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def run(args: Sequence, log: Optional[str] = None, env: Optional[dict] = None, check: bool = True,
-        on_line: Optional[Callable[[str], None]] = None, timeout: Optional[float] = None) -> Finished:
-    """Runs `args` (a command name and its arguments), appending its output to the file `log` if
-    given and passing each line to `on_line`. Raises CommandFailed on a non-zero exit if `check`."""
+        on_line: Optional[Callable[[str], None]] = None, timeout: Optional[float] = None,
+        cwd: Optional[str] = None) -> Finished:
+    """Runs `args` (a command name and its arguments) in the folder `cwd` (default this one),
+    appending its output to the file `log` if given and passing each line to `on_line`. Raises
+    CommandFailed on a non-zero exit if `check`. Past `timeout` seconds, or when this process stops
+    waiting (Ctrl-C, an error in `on_line`), the command and every process it started are killed."""
     cmd = [command_path(str(args[0]))] + [str(a) for a in args[1:]]
     lines = []
+    expired = threading.Event()
     sink = open(log, "a") if log else None
+    p = timer = None
+    reaped = False
     try:
         if sink:
             sink.write(f"\n$ {' '.join(cmd)}\n")
             sink.flush()
-        p = subprocess.Popen(cmd, env=command_env(cmd[0], env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, errors="replace")
-        expired = threading.Event()
-        timer = threading.Timer(timeout, lambda: (expired.set(), p.kill())) if timeout else None
-        if timer:
+        # a session of its own, so that one signal to its process group reaches its workers too
+        # (and Ctrl-C in the terminal reaches only us: the `finally` below then stops it)
+        p = subprocess.Popen(cmd, env=command_env(cmd[0], env), cwd=cwd, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+        if timeout:
+            timer = threading.Timer(timeout, lambda: (expired.set(), _stop(p.pid)))
             timer.start()
-        for line in p.stdout:
-            lines.append(line)
-            if sink:
-                sink.write(line)
-                sink.flush()
-            if on_line:
-                on_line(line)
-        p.stdout.close()
-        _, status, usage = os.wait4(p.pid, 0)
-        p.returncode = os.waitstatus_to_exitcode(status)
+        with p.stdout:
+            for line in p.stdout:
+                lines.append(line)
+                if sink:
+                    sink.write(line)
+                    sink.flush()
+                if on_line:
+                    on_line(line)
+        # exited, not reaped yet: its process group is still its own if the timer fires meanwhile
+        os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)
         if timer:
             timer.cancel()
+            timer.join()
+        _, status, usage = os.wait4(p.pid, 0)
+        reaped = True
+        p.returncode = os.waitstatus_to_exitcode(status)
     finally:
+        if timer:
+            timer.cancel()
+        if p is not None and not reaped:  # we stopped waiting (Ctrl-C, an error): it and its workers stop too
+            _stop(p.pid)
+            p.wait()
         if sink:
             sink.close()
     # ru_maxrss: KiB on Linux, bytes on macOS
@@ -91,8 +126,9 @@ def run(args: Sequence, log: Optional[str] = None, env: Optional[dict] = None, c
         why = f"timed out after {timeout:.0f} s" if expired.is_set() else f"exit {p.returncode}"
         where = f" (all of it in {log})" if log else ""
         tail = "".join(lines[-TAIL_LINES:]).rstrip()
-        raise CommandFailed(f"{os.path.basename(cmd[0])} failed ({why}): {' '.join(cmd)}\n"
-                            f"Its last lines{where}:\n{tail}")
+        name, last = os.path.basename(cmd[0]), tail.splitlines()[-1].strip() if tail else ""
+        raise CommandFailed(f"{name} failed ({why}): {' '.join(cmd)}\nIts last lines{where}:\n{tail}",
+                            f"{name} failed: {last}" if last and not expired.is_set() else f"{name} failed ({why})")
     return done
 
 

@@ -46,7 +46,7 @@ def backup_if_different(path: str, new_content) -> str:
         try:
             if json.load(f) == json.loads(json.dumps(new_content)):
                 return ""
-        except json.JSONDecodeError:
+        except ValueError:  # not JSON, or not text: different, so kept
             pass
     backup = backup_name(path)
     shutil.copy2(path, backup)

@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 
+from nnunet_fseft.dataset_json import read_json
 from nnunet_fseft.errors import InputError
 from nnunet_fseft.foundation import build_foundation, recorded_foundation
 from nnunet_fseft.labels import match_labels
@@ -19,12 +20,11 @@ OUTPUT_PREFIX = "fseft_zeroshot"
 
 
 def held_out_cases(name: str, fold: int) -> list:
-    from batchgenerators.utilities.file_and_folder_operations import load_json
     path = os.path.join(require_env("nnUNet_preprocessed"), name, "splits_final.json")
     if not os.path.isfile(path):
         raise InputError(f"{path} does not exist; draw the K-shot splits first with "
                          f"`nnunet-fseft kshot -d {name} -k K` (their held-out cases are what zeroshot scores).")
-    splits = load_json(path)
+    splits = read_json(path, f"draw the splits again with `nnunet-fseft kshot -d {name} -k K`")
     if not 0 <= fold < len(splits):
         raise InputError(f"{path} has {len(splits)} folds; pass -f between 0 and {len(splits) - 1}.")
     return splits[fold]["val"]

@@ -37,9 +37,7 @@ def workspace(tmp_path_factory):
         mp.setenv(var, str(root / var))
     mp.setenv("nnUNet_compile", "f")
     mp.setenv("nnUNet_def_n_proc", "2")  # nnU-Net's default of 8 export workers is slow on 2 cores
-    # exported as the README advises for small CPU runs: every command we run must cope with it,
-    # nnUNetv2_plan_and_preprocess included (its planner cannot take 0)
-    mp.setenv("nnUNet_n_proc_DA", "0")
+    # (nnUNet_n_proc_DA=0 is exported to every command by helpers.run, not here: see COMMAND_ENV)
     yield root
     mp.undo()
 

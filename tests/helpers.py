@@ -9,16 +9,22 @@ FOUNDATION_ID, TARGET_ID, BASE_TARGET_ID = "100", "501", "503"
 BASE_TARGET_ORGANS = ["spleen", "liver", "kidney_right", "kidney_left"]
 BASE_TARGET_LABELS = {"background": 0, "lien": 1, "Liver": 2, "Kidney_R": 3, "left kidney": 4}
 FOUNDATION_TO_BASE_TARGET = {0: 0, 1: 2, 2: 1, 3: 4, 4: 3}  # foundation label -> target label
-# Small CPU trainings. (Planning commands are given a usable nnUNet_n_proc_DA by the runner.)
-TRAIN_ENV = {"nnUNet_n_proc_DA": "0", "nnUNet_fseft_epochs": "2", "nnUNet_fseft_iters_per_epoch": "3"}
+# What every command a test runs gets exported: nnUNet_n_proc_DA=0, as the README advises for
+# small CPU runs, so each command must cope with it (nnUNetv2_plan_and_preprocess included: its
+# planner cannot take 0; the runner gives planning a usable value). Given to the commands only,
+# never set in os.environ: a unit test sees the same environment whichever tests ran before it.
+COMMAND_ENV = {"nnUNet_n_proc_DA": "0"}
+# Small CPU trainings
+TRAIN_ENV = {**COMMAND_ENV, "nnUNet_fseft_epochs": "2", "nnUNet_fseft_iters_per_epoch": "3"}
 
 
-def run(args, env=None, check=True, timeout=900):
-    """Runs a command of this environment through the library's runner; returns the finished
-    process (stdout and stderr together in .stdout). A failure raises CommandFailed with the
-    output's last lines, unless check is False."""
+def run(args, env=None, check=True, timeout=900, cwd=None):
+    """Runs a command of this environment (nnunet-fseft, nnUNetv2_*, python) in the folder `cwd`
+    through the library's runner, with COMMAND_ENV and `env` exported (a None value unsets a
+    variable); returns the finished process (stdout and stderr together in .stdout). A failure
+    raises CommandFailed with the output's last lines, unless check is False."""
     from nnunet_fseft.runner import run as run_command
-    return run_command(args, env=env, check=check, timeout=timeout)
+    return run_command(args, env={**COMMAND_ENV, **(env or {})}, check=check, timeout=timeout, cwd=cwd)
 
 
 def fails_with(args, text, env=None):
@@ -58,3 +64,29 @@ if __name__ == "__main__":  # nnU-Net's spawned preprocessing workers import thi
     sys.argv = ["nnUNetv2_predict_from_modelfolder"] + sys.argv[1:]
     predict_entry_point_modelfolder()
 """
+
+
+def tree(folder):
+    """Every path below `folder` (relative to it): None for a folder, the target for a link, the
+    bytes of each file. What a refusal, or a command that only reads, must leave as it was."""
+    found = {}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            key = os.path.relpath(path, folder)
+            if os.path.islink(path):
+                found[key] = "-> " + os.readlink(path)
+            elif name in dirs:
+                found[key] = None
+            else:
+                with open(path, "rb") as f:
+                    found[key] = f.read()
+    return found
+
+
+def nnunet_folders(root, monkeypatch):
+    """nnU-Net's three folders under `root`, exported for this test and the commands it runs."""
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (root / var).mkdir(exist_ok=True)
+        monkeypatch.setenv(var, str(root / var))
+    return root

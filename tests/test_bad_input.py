@@ -2,8 +2,6 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -70,10 +68,8 @@ def test_adopt_never_replaces_a_users_plans(workspace, foundation, target):
 
 
 def test_missing_environment_variable(target):
-    env = {k: v for k, v in os.environ.items() if k != "nnUNet_raw"}
-    p = subprocess.run([os.path.join(os.path.dirname(sys.executable), "nnunet-fseft"), "kshot", "-d", target,
-                        "-k", "1"], env=env, capture_output=True, text=True)
-    assert p.returncode == 2 and "nnUNet_raw is not set" in p.stderr
+    fails_with(["nnunet-fseft", "kshot", "-d", target, "-k", "1"], "The environment variable nnUNet_raw is not set",
+               env={"nnUNet_raw": None})
 
 
 def test_bad_schedule_override(target):
@@ -91,6 +87,27 @@ def test_foundation_whose_weights_do_not_fit_its_plans(workspace, foundation, ta
     fails_with(["nnunet-fseft", "adopt", "--foundation", fake, "-d", target, "--plans-name", "Other"],
                "do not fit the network")
     assert not (workspace / "nnUNet_preprocessed" / "Dataset501_SynthCTB" / "Other.json").exists()
+
+
+def test_only_nnunets_own_trainer_refusals_are_input_errors(tmp_path, monkeypatch):
+    """A trainer that does not exist is the user's input; an error raised while nnU-Net imports a
+    user's trainer module is a bug in that file and keeps its own type and traceback."""
+    from nnunet_fseft.foundation import find_trainer
+    folder = tmp_path / "my_trainers"
+    folder.mkdir()
+    monkeypatch.setenv("nnUNet_extTrainer", str(folder))
+    (folder / "fine.py").write_text("class NotATrainer:\n    pass\n")
+    with pytest.raises(InputError, match="Trainer nnUNetTrainerNoSuch cannot be found; install the package"):
+        find_trainer("nnUNetTrainerNoSuch")
+    with pytest.raises(InputError, match="NotATrainer is not an nnU-Net trainer"):
+        find_trainer("NotATrainer")
+    (folder / "broken.py").write_text("raise RuntimeError('a bug in my trainer file')\n")
+    with pytest.raises(RuntimeError, match="a bug in my trainer file") as info:
+        find_trainer("nnUNetTrainerNoSuch")
+    assert not isinstance(info.value, InputError)
+    (folder / "broken.py").write_text("assert False, 'my own check'\n")
+    with pytest.raises(AssertionError, match="my own check"):
+        find_trainer("nnUNetTrainerNoSuch")
 
 
 def test_foundation_changed_since_adopt(foundation):

@@ -1,15 +1,19 @@
 """`nnunet-fseft benchmark`'s output folder and run environment, without training: one benchmark
 per folder (another dataset, foundation, schedule or held-out set is refused), the user's files
-kept, nothing left behind by a failure, and transductive runs adapting on the scans they are
-scored on (end to end: test_benchmark_e2e.py)."""
+kept, nothing left behind by a failure, a failed run recorded and retried while the others go on,
+the zero-shot row left out only when the foundation knows no label, and transductive runs
+adapting on the scans they are scored on (end to end: test_benchmark_e2e.py)."""
 import json
 import os
 
 import pytest
 import torch
 
-from nnunet_fseft.benchmark import MANIFEST, OutputFolder, benchmark, link_held_out, run_env
+from nnunet_fseft.benchmark import (MANIFEST, OutputFolder, benchmark, link_held_out, run_env, run_pending,
+                                    write_reports, zero_shot_scores)
 from nnunet_fseft.errors import InputError
+from nnunet_fseft.foundation import PLANS_KEY
+from nnunet_fseft.runner import run
 from nnunet_fseft.trainers import METHODS
 from nnunet_fseft.transductive import QUERY_ENV, query_images
 
@@ -101,16 +105,109 @@ def test_benchmark_refuses_another_datasets_folder_before_any_work(nnunet_folder
     assert sorted(os.listdir(out)) == before and not (root / "nnUNet_preprocessed" / "Dataset602_B").exists()
 
 
-def test_a_failed_benchmark_leaves_no_empty_log_and_no_folder(nnunet_folders):
+def test_a_failed_benchmark_leaves_no_empty_log_and_no_folder(nnunet_folders, capsys):
     root, model = nnunet_folders
     with pytest.raises(InputError, match="not an nnU-Net checkpoint"):  # raised by adopt, after the folder is claimed
         benchmark(str(model), "601", [1], 1, ["LoRA"], 2, str(root / "bench"))
     assert not (root / "bench").exists()
     (root / "mine").mkdir()
     (root / "mine" / "notes.txt").write_text("mine")
+    (root / "mine" / "results.csv").write_text("my results")  # moved aside when the folder is claimed ...
     with pytest.raises(InputError):
         benchmark(str(model), "601", [1], 1, ["LoRA"], 2, str(root / "mine"))
-    assert os.listdir(root / "mine") == ["notes.txt"]
+    # ... and back when nothing ran
+    assert sorted(os.listdir(root / "mine")) == ["notes.txt", "results.csv"]
+    assert (root / "mine" / "results.csv").read_text() == "my results"
+    assert "Nothing ran, so results.csv moved back from the backups" in capsys.readouterr().out
+
+
+def test_a_folder_of_an_older_version_says_that_its_runs_are_retrained(nnunet_folders, capsys):
+    root, model = nnunet_folders
+    old = root / "old"
+    old.mkdir()
+    (old / "runs.jsonl").write_text('{"method": "LoRA", "K": 1, "repeat": 0}\n')  # and no benchmark.json
+    (old / "report.md").write_text("its report")
+    with pytest.raises(InputError, match="not an nnU-Net checkpoint"):
+        benchmark(str(model), "601", [1], 1, ["LoRA"], 2, str(old))
+    said = capsys.readouterr().out.splitlines()
+    assert len([line for line in said if str(old) in line]) == 1, said
+    line = next(line for line in said if str(old) in line)
+    assert line.startswith(f"{old} was written by an older nnunet-fseft") and "Kept" not in line
+    assert f"its runs are kept in {old / 'runs.jsonl'}.bak-" in line and "are retrained" in line
+    assert sorted(os.listdir(old)) == ["report.md", "runs.jsonl"]  # nothing ran: as it was
+
+
+MEASURED = {"wall_s": 1.0, "peak_gpu_mib": None, "peak_host_mib": 100.0, "trainable": 10, "total": 100,
+            "adapter_bytes": 40, "per_label": {"spleen": {"dice": 0.5, "sensitivity": 0.6, "specificity": 0.9}}}
+
+
+def test_a_failed_run_is_recorded_reported_and_retried_while_the_others_go_on(tmp_path, capsys):
+    """Our own train step stubbed: a real command that fails as nnUNetv2_train does when the trainer
+    stops on a non-finite loss (its error on the last line)."""
+    folder = OutputFolder(str(tmp_path / "out"), identity())
+    folder.claim()
+    splits = [{"train": ["case_1"], "val": ["case_0", "case_3"]}]
+    todo = [("LoRA", 1, 0, 0), ("BitFit", 1, 0, 0)]
+    ran = []
+
+    def one_run(fails):
+        def step(m, k, r, f):
+            ran.append(m)
+            if m in fails:
+                run(["python", "-c", "raise SystemExit('RuntimeError: the training loss is nan')"])
+            return MEASURED
+        return step
+
+    rows = run_pending(folder, todo, splits, "cpu", one_run(fails={"LoRA"}))
+    assert ran == ["LoRA", "BitFit"]
+    said = capsys.readouterr().out
+    assert "[1/2] LoRA K=1 repeat 0 failed: python failed: RuntimeError: the training loss is nan" in said
+    recorded = [json.loads(line) for line in open(tmp_path / "out" / "runs.jsonl")]
+    assert [(r["method"], r.get("failed")) for r in recorded] == \
+        [("LoRA", "python failed: RuntimeError: the training loss is nan"), ("BitFit", None)]
+    result = write_reports(folder, rows, None, [1], ["LoRA", "BitFit"])
+    assert [r["method"] for r in result["runs"]] == ["BitFit"] and [r["method"] for r in result["failed"]] == ["LoRA"]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| LoRA | failed | - | - | - | - | - |" in report and "| BitFit | 0.500 (1 run) | 10 |" in report
+    assert "- LoRA K=1 repeat 0 (fold 0): python failed: RuntimeError: the training loss is nan" in report
+    assert [r["method"] for r in csv_rows(tmp_path / "out" / "results.csv")] == ["BitFit"]
+
+    ran.clear()  # the benchmark again: the failed run is retried, the finished one kept
+    rows = run_pending(folder, todo, splits, "cpu", one_run(fails=set()))
+    assert ran == ["LoRA"]
+    said = capsys.readouterr().out
+    assert "[1/2] LoRA K=1 repeat 0 (fold 0), failed earlier (python failed: RuntimeError: the training loss is " \
+           "nan): retried" in said and "[2/2] BitFit K=1 repeat 0: done earlier, skipped" in said
+    result = write_reports(folder, rows, None, [1], ["LoRA", "BitFit"])
+    assert [r["method"] for r in result["runs"]] == ["LoRA", "BitFit"] and result["failed"] == []
+    assert "failed" not in (tmp_path / "out" / "report.md").read_text()
+
+
+def csv_rows(path):
+    import csv
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_zero_shot_is_left_out_only_when_the_foundation_knows_no_label(nnunet_folders, capsys):
+    """No label matched: no row, nothing cached. Any other error (here: no splits file) is raised,
+    also over a null that an older version cached, and nothing is cached."""
+    root, _ = nnunet_folders
+    folder = OutputFolder(str(root / "bench"), identity())
+    folder.claim()
+    plans = {PLANS_KEY: {"labels": {"background": 0, "liver": 1}}}
+    assert zero_shot_scores(folder, "Dataset601_A", plans, DATASET_JSON, "cpu") is None
+    assert "zero-shot: none (no label of Dataset601_A is a class the foundation knows)" in capsys.readouterr().out
+    assert not (root / "bench" / "zero_shot.json").exists()
+
+    plans = {PLANS_KEY: {"labels": {"background": 0, "Spleen": 1}}}
+    (root / "nnUNet_preprocessed" / "Dataset601_A").mkdir()
+    (root / "nnUNet_preprocessed" / "Dataset601_A" / "FSEFTPlans.json").write_text(json.dumps(plans))
+    (root / "nnUNet_preprocessed" / "Dataset601_A" / "dataset.json").write_text(json.dumps(DATASET_JSON))
+    (root / "bench" / "zero_shot.json").write_text("null")
+    with pytest.raises(InputError, match="splits_final.json does not exist"):
+        zero_shot_scores(folder, "Dataset601_A", plans, DATASET_JSON, "cpu")
+    assert (root / "bench" / "zero_shot.json").read_text() == "null"  # not replaced by another None
 
 
 def test_transductive_runs_adapt_on_exactly_the_held_out_scans(nnunet_folders, monkeypatch):

@@ -2,8 +2,6 @@
 inference through the real commands (units: test_blackbox.py)."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -142,10 +140,8 @@ def test_head_initialisation_reproduces_the_foundation_at_step_0(workspace, base
     pre = workspace / "nnUNet_preprocessed" / "Dataset503_SynthBase"
     to_foundation = {t: f for f, t in FOUNDATION_TO_BASE_TARGET.items()}
     channels = ",".join(str(to_foundation[t]) for t in range(len(to_foundation)))
-    p = subprocess.run([sys.executable, "-c", STEP0, str(pre), "nnUNetTrainerFSEFT_LoRA",
-                        "nnUNetTrainerFSEFT_SpatialAdapter", "nnUNetTrainerFSEFT_FullFT", channels],
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
-    assert p.returncode == 0, p.stdout[-3000:]
+    p = run(["python", "-c", STEP0, pre, "nnUNetTrainerFSEFT_LoRA", "nnUNetTrainerFSEFT_SpatialAdapter",
+             "nnUNetTrainerFSEFT_FullFT", channels])
     rows = [line.split() for line in p.stdout.splitlines() if line.startswith("nnUNetTrainerFSEFT_")]
     assert len(rows) == 3, p.stdout[-3000:]
     for name, diff, scale, agree in rows:

@@ -1,7 +1,5 @@
 """nnU-Net finds our trainers right after pip install, also beside a user's own trainers."""
 import os
-import subprocess
-import sys
 
 from helpers import run
 
@@ -10,10 +8,7 @@ FIND = ("from nnunetv2.utilities.find_objects import recursive_find_trainer_clas
 
 
 def find(names, env, cwd):
-    p = subprocess.run([sys.executable, "-c", FIND.format(names=names)], env=env, cwd=cwd,
-                       capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr[-2000:]
-    return p.stdout.strip().splitlines()[-1]
+    return run(["python", "-c", FIND.format(names=names)], env=env, cwd=cwd).stdout.strip().splitlines()[-1]
 
 
 def test_found_beside_the_users_own_trainers(tmp_path):
@@ -22,8 +17,7 @@ def test_found_beside_the_users_own_trainers(tmp_path):
     (mine / "my_trainer.py").write_text(
         "from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer\n"
         "class MyOwnTrainer(nnUNetTrainer):\n    pass\n")
-    env = {**os.environ, "nnUNet_extTrainer": str(mine)}
-    out = find(["MyOwnTrainer", "nnUNetTrainerFSEFT_LoRA"], env, tmp_path)
+    out = find(["MyOwnTrainer", "nnUNetTrainerFSEFT_LoRA"], {"nnUNet_extTrainer": str(mine)}, tmp_path)
     assert out == "['my_trainer', 'nnunet_fseft.trainers.peft']"
 
 
@@ -44,9 +38,7 @@ def test_every_method_is_found_with_no_user_action_as_the_class_python_imports(t
     give the same class for every method: none is missing from the discovery folder, shadowed by
     one of nnU-Net's, or imported twice (a copy would fail isinstance checks, share no class state)."""
     from nnunet_fseft.trainers import METHODS
-    p = subprocess.run([sys.executable, "-c", IDENTITY], capture_output=True, text=True, cwd=tmp_path,
-                       env={k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"})
-    assert p.returncode == 0, p.stderr[-2000:]
+    p = run(["python", "-c", IDENTITY], env={"nnUNet_extTrainer": None}, cwd=tmp_path)
     found = [line.split() for line in p.stdout.splitlines() if line.startswith("FOUND ")]
     assert [name for _, name, *_ in found] == list(METHODS) and len(METHODS) > 10
     assert all(same == "True" and exported == "True" for _, _, same, exported in found), found

@@ -10,22 +10,11 @@ import time
 import pytest
 import torch
 
-from helpers import TRAIN_ENV, fails_with, run
+from helpers import COMMAND_ENV, TRAIN_ENV, fails_with, run, tree
 from nnunet_fseft.foundation import PLANS_KEY, read_checkpoint
 from nnunet_fseft.runner import command_path
 
 BITFIT = "nnUNetTrainerFSEFT_BitFit"
-
-
-def tree(folder):
-    """Every path below `folder` with the bytes of each file."""
-    found = {}
-    for root, dirs, files in os.walk(folder):
-        for d in dirs:
-            found[os.path.relpath(os.path.join(root, d), folder)] = None
-        for f in files:
-            found[os.path.relpath(os.path.join(root, f), folder)] = open(os.path.join(root, f), "rb").read()
-    return found
 
 
 def preprocessed(workspace):
@@ -94,30 +83,40 @@ def test_an_interrupted_adopt_leaves_the_old_plans_and_data(workspace, foundatio
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     folder = preprocessed(workspace)
     run(["nnunet-fseft", "adopt", "--foundation", foundation, "-d", target, "--plans-name", "Interrupted"])
+    # as if preprocessed with an older dataset.json: the adopt replaces it with nnUNet_raw's
+    old_dataset_json = json.dumps({**json.loads((folder / "dataset.json").read_text()), "description": "older"})
+    (folder / "dataset.json").write_text(old_dataset_json)
     before = tree(folder)
     assert "Interrupted.json" in before and "Interrupted_3d_fullres" in before
 
     p = subprocess.Popen([command_path("nnunet-fseft"), "adopt", "--foundation", str(foundation), "-d", target,
                           "--plans-name", "Interrupted", "-np", "1"], start_new_session=True,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    scratch = folder / f".fseft-adopt-{p.pid}-data"
+                         env={**os.environ, **COMMAND_ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not scratch.is_dir() and p.poll() is None and time.time() < deadline:
+    while not list(folder.glob(f".fseft-adopt-*-{p.pid}-*-data")) and p.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     assert p.poll() is None, "adopt finished before it could be interrupted"
-    assert scratch.is_dir(), "preprocessing did not start"
+    scratch = list(folder.glob(f".fseft-adopt-*-{p.pid}-*-data"))
+    assert scratch, "preprocessing did not start"
     os.killpg(p.pid, signal.SIGKILL)  # adopt and its preprocessing workers, as a crash or kill -9 ends them
     p.wait()
 
     after = {k: v for k, v in tree(folder).items() if not k.startswith(".fseft-adopt-")}
-    assert {k: after.get(k, "missing") for k in before if not k.startswith("gt_segmentations")} == \
-        {k: v for k, v in before.items() if not k.startswith("gt_segmentations")}
+    unchanged = [k for k in before if not k.startswith("gt_segmentations") and k != "dataset.json"]
+    assert {k: after.get(k, "missing") for k in unchanged} == {k: before[k] for k in unchanged}
     infer_dataset_class(str(folder / "Interrupted_3d_fullres"))  # what nnUNetv2_train failed on
+    # nnUNet_raw's dataset.json is in place (preprocessing reads it there); the old one is kept beside it
+    assert after["dataset.json"] != old_dataset_json.encode()
+    kept = folder / (scratch[0].name[:-len("data")] + "dataset.json")
+    assert kept.read_text() == old_dataset_json
 
     run(["nnunet-fseft", "adopt", "--foundation", foundation, "-d", target, "--plans-name", "Interrupted"])
     assert not [e for e in os.listdir(folder) if e.startswith(".fseft-adopt-")]  # the leftovers are removed
     assert sorted(os.listdir(folder / "Interrupted_3d_fullres")) == \
         sorted(k.split("/", 1)[1] for k in before if k.startswith("Interrupted_3d_fullres/"))
+    # its clean-up put the old dataset.json back, so that this adopt, replacing it, kept it as a backup
+    backups = [f for f in os.listdir(folder) if f.startswith("dataset.json.bak-")]
+    assert [(folder / f).read_text() for f in backups].count(old_dataset_json) == 1, backups
 
 
 # --- item 11: a refusal inside nnUNetv2_train ends in one clear line with its fix ----------------

@@ -1,29 +1,16 @@
 """Foundation pre-training on pooled, partially labelled datasets, through the real commands:
 `nnunet-fseft combine`, `nnUNetv2_plan_and_preprocess --verify_dataset_integrity`,
 `nnUNetv2_train -tr nnUNetTrainerFSEFT_FoundationShort`, `nnUNetv2_predict`, `nnunet-fseft adopt`."""
-import hashlib
 import json
 import os
 
 import numpy as np
 import pytest
 
-from helpers import TRAIN_ENV, fails_with, run
+from helpers import TRAIN_ENV, fails_with, run, tree
 
 SOURCE_A, SOURCE_B, POOLED = "110", "111", "210"
 ORGANS_A, ORGANS_B = ["liver", "spleen"], ["kidney_left", "kidney_right"]
-
-
-def tree_digest(folder):
-    """Names, link targets and bytes of every file below `folder`."""
-    h = hashlib.sha256()
-    for root, dirs, files in sorted(os.walk(folder)):
-        dirs.sort()
-        for f in sorted(files):
-            p = os.path.join(root, f)
-            h.update(p.encode())
-            h.update(os.readlink(p).encode() if os.path.islink(p) else open(p, "rb").read())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +62,9 @@ def test_bad_input_to_combine_writes_nothing(sources, tmp_path):
 def pooled(sources):
     """The two sources pooled, checked by nnU-Net and preprocessed; returns the plans name."""
     raw = sources
-    digests = {s: tree_digest(raw / s) for s in ("Dataset110_PartA", "Dataset111_PartB")}
+    trees = {s: tree(raw / s) for s in ("Dataset110_PartA", "Dataset111_PartB")}
     run(["nnunet-fseft", "combine", "-d", SOURCE_A, SOURCE_B, "-o", POOLED, "--name", "Pooled"])
-    assert {s: tree_digest(raw / s) for s in digests} == digests  # the sources are only read
+    assert {s: tree(raw / s) for s in trees} == trees  # the sources are only read
     run(["nnUNetv2_plan_and_preprocess", "-d", POOLED, "-c", "3d_fullres", "-np", "2", "--verify_dataset_integrity"])
     from nnunet_fseft.plans_presets import apply_preset
     return apply_preset(POOLED, "cpu_tiny")

@@ -4,14 +4,13 @@ import json
 import os
 import random
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from helpers import fails_with, nnunet_folders, run
 from nnunet_fseft.errors import InputError
-from nnunet_fseft.kshot import identical_folds, kshot_splits, write_kshot_splits
+from nnunet_fseft.kshot import identical_fold_warnings, identical_folds, kshot_splits, write_kshot_splits
 from nnunet_fseft.synth import synth_dataset
 
 CASES = [f"case_{i:03d}" for i in range(20)]
@@ -83,6 +82,19 @@ def test_identical_folds_are_found():
     assert identical_folds(kshot_splits(CASES, 3, 5, seed=0, test=5)) == []
 
 
+def test_a_warning_for_each_group_of_identical_folds_of_one_file():
+    whole_pool = kshot_splits(CASES[:8], 5, 3, seed=0, test=3)
+    assert identical_fold_warnings(whole_pool, pool=5) == [
+        "K = 5 takes every one of the 5 cases outside the held-out set, so all 3 folds train on the same support "
+        "cases and differ only in training randomness; lower -k or --test for different support sets."]
+    assert identical_fold_warnings(whole_pool[:1], pool=5) == []  # one fold: nothing to be identical to
+    by_chance = [{"train": ["a"], "val": ["x"]}, {"train": ["b"], "val": ["x"]}, {"train": ["a"], "val": ["x"]}]
+    assert identical_fold_warnings(by_chance, pool=3) == [
+        "folds 0, 2 drew the same 1 support cases by chance, so they differ only in training randomness; pass "
+        "another --seed for different support sets."]
+    assert identical_fold_warnings(kshot_splits(CASES, 3, 5, seed=0, test=5), pool=15) == []
+
+
 def test_k_plus_test_larger_than_dataset_raises_naming_both_numbers():
     with pytest.raises(InputError) as info:
         kshot_splits(CASES, 13, 3, seed=0, test=9)
@@ -103,9 +115,8 @@ def test_non_positive_arguments_raise(k, repeats, test):
 
 @pytest.fixture
 def tiny_dataset(tmp_path, monkeypatch):
-    raw, preprocessed = tmp_path / "raw", tmp_path / "preprocessed"
-    monkeypatch.setenv("nnUNet_raw", str(raw))
-    monkeypatch.setenv("nnUNet_preprocessed", str(preprocessed))
+    nnunet_folders(tmp_path, monkeypatch)
+    raw, preprocessed = tmp_path / "nnUNet_raw", tmp_path / "nnUNet_preprocessed"
     folder = synth_dataset(DATASET_ID, 6, ["liver"], shape=(16, 16, 16))
     assert os.path.dirname(folder) == str(raw)
     assert len(os.listdir(os.path.join(folder, "labelsTr"))) == 6
@@ -122,7 +133,7 @@ def _backups(path):
 
 
 def test_write_kshot_splits_keeps_a_backup_of_different_splits(tiny_dataset):
-    path, first, backup = write_kshot_splits(str(DATASET_ID), 2, repeats=2, seed=0, test=3)
+    path, first, backup, _ = write_kshot_splits(str(DATASET_ID), 2, repeats=2, seed=0, test=3)
     assert path == os.path.join(str(tiny_dataset["preprocessed"]), tiny_dataset["name"], "splits_final.json")
     assert backup == "" and _backups(path) == []
     assert _load(path) == first
@@ -131,7 +142,7 @@ def test_write_kshot_splits_keeps_a_backup_of_different_splits(tiny_dataset):
         assert len(fold["train"]) == 2 and len(fold["val"]) == 3
         assert set(fold["train"] + fold["val"]) <= cases
 
-    path2, second, backup2 = write_kshot_splits(str(DATASET_ID), 3, repeats=2, seed=0, test=3)
+    path2, second, backup2, _ = write_kshot_splits(str(DATASET_ID), 3, repeats=2, seed=0, test=3)
     assert path2 == path and second != first
     assert os.path.basename(backup2).startswith("splits_final.json.bak-")
     assert _backups(path) == [backup2]
@@ -139,13 +150,13 @@ def test_write_kshot_splits_keeps_a_backup_of_different_splits(tiny_dataset):
     assert _load(path) == second
 
     # the same arguments again: nothing to keep
-    path3, third, backup3 = write_kshot_splits(str(DATASET_ID), 3, repeats=2, seed=0, test=3)
+    path3, third, backup3, _ = write_kshot_splits(str(DATASET_ID), 3, repeats=2, seed=0, test=3)
     assert backup3 == "" and third == second
     assert _backups(path) == [backup2]
     assert _load(path) == second
 
     # back to the first K, within the same second: a second, distinct backup; the first is untouched
-    _, _, backup4 = write_kshot_splits(str(DATASET_ID), 2, repeats=2, seed=0, test=3)
+    _, _, backup4, _ = write_kshot_splits(str(DATASET_ID), 2, repeats=2, seed=0, test=3)
     assert backup4 and backup4 != backup2
     assert _backups(path) == sorted([backup2, backup4])
     assert _load(backup2) == first and _load(backup4) == second
@@ -153,7 +164,7 @@ def test_write_kshot_splits_keeps_a_backup_of_different_splits(tiny_dataset):
 
 
 def test_write_kshot_splits_accepts_the_dataset_name(tiny_dataset):
-    path, splits, _ = write_kshot_splits(tiny_dataset["name"], 1, repeats=1, seed=0, test=2)
+    path, splits, _, _ = write_kshot_splits(tiny_dataset["name"], 1, repeats=1, seed=0, test=2)
     assert _load(path) == splits and len(splits) == 1
 
 
@@ -161,27 +172,14 @@ def test_write_kshot_splits_accepts_the_dataset_name(tiny_dataset):
 # The command line
 # ----------------------------------------------------------------------------------------------
 
-def _cli(args, tiny_dataset):
-    env = dict(os.environ, nnUNet_raw=str(tiny_dataset["raw"]),
-               nnUNet_preprocessed=str(tiny_dataset["preprocessed"]))
-    return subprocess.run([sys.executable, "-m", "nnunet_fseft.cli", "kshot", *args],
-                          env=env, capture_output=True, text=True, timeout=120)
-
-
 def test_cli_kshot_too_large_exits_2_with_one_error_line(tiny_dataset):
-    result = _cli(["-d", str(DATASET_ID), "-k", "5", "--test", "5"], tiny_dataset)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("nnunet-fseft kshot: error:")
-    assert "Traceback" not in result.stderr
+    fails_with(["nnunet-fseft", "kshot", "-d", DATASET_ID, "-k", "5", "--test", "5"], "fewer than K + test = 5 + 5")
     assert not os.path.exists(os.path.join(str(tiny_dataset["preprocessed"]), tiny_dataset["name"],
                                            "splits_final.json"))
 
 
 def test_cli_kshot_writes_the_splits(tiny_dataset):
-    result = _cli(["-d", str(DATASET_ID), "-k", "2", "--test", "3", "--repeats", "2"], tiny_dataset)
-    assert result.returncode == 0, result.stderr
+    result = run(["nnunet-fseft", "kshot", "-d", DATASET_ID, "-k", "2", "--test", "3", "--repeats", "2"])
     path = os.path.join(str(tiny_dataset["preprocessed"]), tiny_dataset["name"], "splits_final.json")
     written = _load(path)
     assert written == write_kshot_splits(str(DATASET_ID), 2, repeats=2, seed=0, test=3)[1]

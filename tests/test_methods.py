@@ -7,15 +7,17 @@ import pytest
 import torch
 
 from networks import ARCHITECTURES, INPUT_SHAPES, plans_manager
-from nnunet_fseft.adapter_file import _safetensors_bytes, trained_tensors
+from nnunet_fseft.adapter_file import safetensors_bytes, trained_tensors
 from nnunet_fseft.anatomy import anatomy
 from nnunet_fseft.errors import InputError
 from nnunet_fseft.parameters import count_parameters
 from nnunet_fseft.trainers import METHODS as ALL_METHODS
 from nnunet_fseft.trainers.blackbox import nnUNetTrainerFSEFT_BlackBox
-from nnunet_fseft.trainers.nnUNetTrainerFSEFT import check_settings, nnUNetTrainerFSEFT
+from nnunet_fseft.settings import check_settings
+from nnunet_fseft.trainers.nnUNetTrainerFSEFT import nnUNetTrainerFSEFT
 from nnunet_fseft.tuners import is_adapter_parameter
-from nnunet_fseft.tuners.registry import is_mergeable, merge_tuner
+from nnunet_fseft.tuners import merge
+from nnunet_fseft.tuners.registry import is_mergeable, merge_tuner, method as tuner_method
 
 NOT_APPLICABLE = {  # (architecture, tuner): the sentence's gist
     ("primus", "conv_adapter"): "transformer encoder",
@@ -187,12 +189,24 @@ def test_only_linear_methods_are_mergeable():
         "nnUNetTrainerFSEFT_MedAdapter_DecoderFT"}
 
 
+@pytest.mark.parametrize("tuner", ["adaptformer", "conv_adapter", "med_adapter"])
+def test_merging_a_non_linear_method_is_refused_in_one_sentence_and_changes_nothing(tuner):
+    name = next(m for m, t in METHODS.items() if t.tuner == tuner)
+    _, net, _ = adapted("plain3d", name)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(InputError, match=rf"{tuner_method(tuner).name} adds non-linear branches.*cannot be folded") as e:
+        merge(net, tuner_method(tuner))
+    assert one_sentence(str(e.value))
+    after = net.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
 @pytest.mark.parametrize("arch,method", CASES)
 def test_adapter_tensors_plus_the_foundation_rebuild_the_same_network(arch, method):
     from safetensors.torch import load
     foundation, net, x = adapted(arch, method)
     perturb(net)
-    tensors = load(_safetensors_bytes(trained_tensors(net), {"method": method}))
+    tensors = load(safetensors_bytes(trained_tensors(net), {"method": method}))
     assert set(tensors) == ({n for n, p in net.named_parameters() if p.requires_grad}
                             | {n for n, _ in net.named_buffers() if n in net.state_dict()})
     rebuilt = METHODS[method].adapt(copy.deepcopy(foundation))
@@ -283,6 +297,17 @@ def test_own_attributes_and_overrides_are_not_taken_for_misspellings():
     check_settings(Overrides)
 
 
+def test_a_user_trainer_in_nnunets_own_variants_folder_is_still_checked():
+    """nnU-Net's documented place for custom trainers is inside the nnunetv2 package: a class there is
+    the user's, not ours."""
+    class nnUNetTrainerFSEFT_LoRA_Mine(METHODS["nnUNetTrainerFSEFT_LoRA"]):
+        rnak = 4
+
+    nnUNetTrainerFSEFT_LoRA_Mine.__module__ = "nnunetv2.training.nnUNetTrainer.variants.my_trainer"
+    with pytest.raises(InputError, match=r"nnUNetTrainerFSEFT_LoRA_Mine sets `rnak`.*did you mean `rank`"):
+        check_settings(nnUNetTrainerFSEFT_LoRA_Mine)
+
+
 def test_a_method_without_its_hyperparameters_is_refused_in_one_sentence():
     class LoRAFromScratch(nnUNetTrainerFSEFT):
         tuner = "lora"
@@ -294,25 +319,58 @@ def test_a_method_without_its_hyperparameters_is_refused_in_one_sentence():
     assert one_sentence(str(e.value))
 
 
-def test_a_non_finite_train_loss_stops_training_in_one_sentence(tmp_path, monkeypatch):
-    """A corrupt foundation (NaN weights) gives a NaN loss: the epoch's end stops the training."""
+def lora_trainer(tmp_path, monkeypatch, nan_foundation: bool):
+    """A LoRA trainer on the tiny plain network, ready for train_step (optionally with NaN foundation weights)."""
     monkeypatch.setenv("nnUNet_results", str(tmp_path))
     plans = {**copy.deepcopy(plans_manager("plain").plans), "continue_training": False}
     trainer = METHODS["nnUNetTrainerFSEFT_LoRA"](plans, "3d_fullres", 0, DATASET_JSON, torch.device("cpu"))
     trainer.network = trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, 3)
-    with torch.no_grad():
-        for p in trainer.network.parameters():
-            if not p.requires_grad:  # the foundation's weights
-                p.fill_(float("nan"))
+    if nan_foundation:
+        with torch.no_grad():
+            for p in trainer.network.parameters():
+                if not p.requires_grad:  # the foundation's weights
+                    p.fill_(float("nan"))
     trainer.loss = trainer._build_loss()
     trainer.optimizer, trainer.lr_scheduler = trainer.configure_optimizers()
-    torch.manual_seed(0)
-    batch = {"data": torch.randn(2, 1, 16, 16, 16),
-             "target": [torch.randint(0, 3, (2, 1, 16, 16, 16)).float(), torch.randint(0, 3, (2, 1, 8, 8, 8)).float()]}
-    step = trainer.train_step(batch)
+    return trainer
+
+
+def tiny_batch(seed: int) -> dict:
+    torch.manual_seed(seed)
+    return {"data": torch.randn(2, 1, 16, 16, 16),
+            "target": [torch.randint(0, 3, (2, 1, 16, 16, 16)).float(), torch.randint(0, 3, (2, 1, 8, 8, 8)).float()]}
+
+
+# what train_step returns for a step whose loss overflowed (under CUDA mixed precision nnU-Net's
+# GradScaler then skips the optimizer step, so the weights stay as they were)
+OVERFLOWED_STEP = {"loss": np.array(np.nan, dtype=np.float32)}
+
+
+def test_a_non_finite_train_loss_stops_training_in_one_sentence(tmp_path, monkeypatch):
+    """A corrupt foundation (NaN weights) gives a NaN loss and NaN updates: the epoch's end stops the training."""
+    trainer = lora_trainer(tmp_path, monkeypatch, nan_foundation=True)
+    step = trainer.train_step(tiny_batch(0))
     assert np.isnan(step["loss"])
     with pytest.raises(InputError, match=r"Training stopped at epoch 0: the train loss is nan.*learning_rate") as e:
-        trainer.on_train_epoch_end([step])
+        trainer.on_train_epoch_end([step, trainer.train_step(tiny_batch(1))])
     assert one_sentence(str(e.value))
     with open(trainer.log_file) as f:
         assert str(e.value) in f.read()  # the fold's log says why it ended
+
+
+def test_an_epoch_without_one_finite_step_stops_even_with_finite_weights(tmp_path, monkeypatch):
+    """Mixed precision on a NaN foundation: every step overflows and is skipped, the weights stay finite."""
+    trainer = lora_trainer(tmp_path, monkeypatch, nan_foundation=True)
+    assert all(torch.isfinite(p).all() for p in trainer.network.parameters() if p.requires_grad)
+    with pytest.raises(InputError, match=r"Training stopped at epoch 0: the train loss is nan"):
+        trainer.on_train_epoch_end([OVERFLOWED_STEP, OVERFLOWED_STEP])
+
+
+def test_one_overflowed_step_among_finite_ones_does_not_stop_training(tmp_path, monkeypatch):
+    trainer = lora_trainer(tmp_path, monkeypatch, nan_foundation=False)
+    steps = [trainer.train_step(tiny_batch(0)), OVERFLOWED_STEP, trainer.train_step(tiny_batch(1))]
+    assert np.isfinite(steps[0]["loss"]) and np.isfinite(steps[2]["loss"])
+    trainer.on_train_epoch_end(steps)
+    assert np.isnan(trainer.logger.get_value("train_losses", step=0))  # the epoch's mean is NaN, yet it goes on
+    with open(trainer.log_file) as f:
+        assert "Training stopped" not in f.read()

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from helpers import TRAIN_ENV, WITHOUT_PLUGIN, images, run, segmentations
 from networks import plans_manager
@@ -156,3 +157,22 @@ def test_a_misspelt_hyperparameter_in_a_users_trainer_stops_nnunet_training_at_s
         p.stdout[-3000:]
     assert "did you mean `rank`?" in last
     assert not (workspace / "nnUNet_results" / dataset).exists()  # stopped before nnU-Net's set-up
+
+
+def test_a_foundation_with_nan_weights_stops_nnunet_training_in_one_sentence(workspace, target, foundation, tmp_path):
+    """-pretrained_weights bypasses adopt's finiteness check: the first epoch's end stops the training."""
+    checkpoint = read_checkpoint(str(foundation / "fold_all" / "checkpoint_final.pth"))
+    name = next(k for k in checkpoint["network_weights"] if k.startswith("encoder") and k.endswith("weight"))
+    checkpoint["network_weights"][name].view(-1)[:5] = float("nan")
+    torch.save(checkpoint, tmp_path / "nan.pth")
+    env = {**TRAIN_ENV, "nnUNet_fseft_epochs": "1", "nnUNet_fseft_iters_per_epoch": "2",
+           "nnUNet_results": str(tmp_path / "results"),  # the shared results folder stays as it is
+           "PYTHONUNBUFFERED": "1"}  # the traceback's last line is then the output's last line
+    p = run(["nnUNetv2_train", target, "3d_fullres", "0", "-p", "FSEFTPlans", "-tr", "nnUNetTrainerFSEFT_LoRA",
+             "-device", "cpu", "-pretrained_weights", tmp_path / "nan.pth"], env=env, check=False)
+    assert p.returncode != 0
+    last = p.stdout.strip().splitlines()[-1]
+    assert last.startswith("nnunet_fseft.errors.InputError: Training stopped at epoch 0: the train loss is nan"), \
+        p.stdout[-3000:]
+    assert "check the foundation's checkpoint" in last and last.endswith(".")
+    assert not list((tmp_path / "results").rglob("checkpoint_final.pth"))

@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -18,6 +19,7 @@ def test_a_failed_command_is_named_with_its_last_lines(tmp_path):
     assert message.startswith("python failed (exit 3): ") and f"(all of it in {log})" in message
     assert "line 39" in message and "the cause" in message and "line 0\n" not in message  # the tail only
     assert "line 0\n" in log.read_text() and "the cause" in log.read_text()  # the log has everything
+    assert e.value.reason == "python failed: the cause"  # its last line: where a Python error is
     p = run(["python", "-c", LINES], check=False)
     assert p.returncode == 3 and p.stdout.count("line ") == 40 and p.peak_host_mib > 1
 
@@ -38,8 +40,49 @@ def test_planning_gets_a_usable_nnunet_n_proc_da_and_training_what_was_asked(mon
 
 
 def test_a_command_past_its_timeout_is_stopped(tmp_path):
+    with pytest.raises(CommandFailed, match="timed out after 1 s") as e:
+        run(["python", "-c", "print('started'); import time; time.sleep(60)"], timeout=1)
+    assert e.value.reason == "python failed (timed out after 1 s)"
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_a_timeout_or_an_interruption_stops_the_workers_of_the_command_too():
+    """nnU-Net's augmentation and preprocessing workers are its children: they hold the output
+    pipe, so killing the command alone would leave them running and the runner waiting on them."""
+    t0 = time.time()
     with pytest.raises(CommandFailed, match="timed out after 1 s"):
-        run(["python", "-c", "import time; time.sleep(60)"], timeout=1)
+        run(["bash", "-c", "sleep 30 & sleep 30"], timeout=1)
+    assert time.time() - t0 < 10
+
+    workers = []
+
+    def interrupt(line):  # as Ctrl-C would, which no longer reaches a command in a session of its own
+        workers.append(int(line))
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(["bash", "-c", "sleep 30 & echo $!; sleep 30"], on_line=interrupt)
+    deadline = time.time() + 5
+    while running(workers[0]) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not running(workers[0])
+
+
+def test_a_variable_set_to_none_is_unset_and_the_command_runs_where_asked(tmp_path, monkeypatch):
+    monkeypatch.setenv("FSEFT_TEST_VARIABLE", "set")
+    show = "import os; print(os.environ.get('FSEFT_TEST_VARIABLE'), os.getcwd())"
+    assert run(["python", "-c", show]).stdout.split() == ["set", os.getcwd()]
+    out = run(["python", "-c", show], env={"FSEFT_TEST_VARIABLE": None}, cwd=str(tmp_path)).stdout
+    assert out.split() == ["None", os.path.realpath(tmp_path)]
 
 
 def test_quiet_sends_python_and_child_process_output_to_the_log(tmp_path, capfd):

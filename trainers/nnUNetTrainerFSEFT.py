@@ -14,12 +14,12 @@ calls that classmethod, rebuilds the same network. Where the foundation comes fr
 `-pretrained_weights` on the command line wins over the recorded foundation.
 `--c` / `--val` restore the adapted network from our own checkpoint and load no foundation.
 """
-import difflib
 import os
 import sys
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
@@ -29,7 +29,8 @@ from nnunet_fseft.foundation import architecture_trainer, load_foundation, recor
 from nnunet_fseft.gpu_data import device_dataloaders, gpu_data_enabled
 from nnunet_fseft.head_init import head_rows, initialise_head
 from nnunet_fseft.parameters import count_parameters, freeze
-from nnunet_fseft.tuners.registry import apply_tuner, method, tuner_hyperparameters
+from nnunet_fseft.settings import check_settings
+from nnunet_fseft.tuners.registry import apply_tuner
 
 
 def env_int(name: str, default: int) -> int:
@@ -46,40 +47,6 @@ def set_schedule(trainer: nnUNetTrainer, epochs: int, iterations: int, val_itera
     trainer.num_epochs = env_int("nnUNet_fseft_epochs", epochs)
     trainer.num_iterations_per_epoch = env_int("nnUNet_fseft_iters_per_epoch", iterations)
     trainer.num_val_iterations_per_epoch = min(val_iterations, trainer.num_iterations_per_epoch)
-
-
-def _is_setting(name: str, value) -> bool:
-    """A public class attribute holding a value (a hyper-parameter), not a method or property."""
-    return not name.startswith("_") and not callable(value) and not hasattr(value, "__get__")
-
-
-def _ours(cls: type) -> bool:
-    return cls.__module__.split(".")[0] in ("nnunet_fseft", "nnunetv2", "builtins")
-
-
-def check_settings(cls: type) -> None:
-    """Refuses, before any work, a user's subclass that misspells a setting (`rnak = 4` would train
-    silently with the default rank), and a method whose hyper-parameters are not all set.
-
-    A setting is a public, non-callable class attribute. One that a user's class defines (not a
-    class of nnunet-fseft or nnU-Net), that none of our classes above it defines, and that is close
-    to a name they do define (or to a hyper-parameter of its method) is a misspelling; other new
-    names are the user's own and are left alone."""
-    known = {n for c in cls.__mro__ if _ours(c) for n, v in vars(c).items() if _is_setting(n, v)}
-    if cls.tuner is not None:
-        known |= set(method(cls.tuner).hyperparameters)
-    for c in cls.__mro__:
-        if _ours(c):
-            continue
-        for name, value in vars(c).items():
-            if not _is_setting(name, value) or name in known:
-                continue
-            close = difflib.get_close_matches(name, known, n=1)
-            if close:
-                raise InputError(f"{c.__name__} sets `{name}`, which no nnunet-fseft trainer reads (did you mean "
-                                 f"`{close[0]}`?); rename it, or start it with an underscore if it is your own.")
-    if cls.tuner is not None:
-        tuner_hyperparameters(cls.tuner, cls)
 
 
 def adamw_poly(trainer: nnUNetTrainer):
@@ -227,15 +194,28 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
 
     def on_train_epoch_end(self, train_outputs):
         super().on_train_epoch_end(train_outputs)
-        # this epoch's mean over every DDP rank: each rank stops, none waits for the others
+        # this epoch's mean over every DDP rank, so every rank takes the same branch below
         loss = self.logger.get_value("train_losses", step=self.current_epoch)
-        if not np.isfinite(loss):
+        if not np.isfinite(loss) and self.training_has_diverged(train_outputs):
             message = (f"Training stopped at epoch {self.current_epoch}: the train loss is {loss}, as a foundation "
                        f"with non-finite weights or a learning rate too high for this method ({self.initial_lr:g}) "
                        f"gives; check the foundation's checkpoint, or set a lower `learning_rate` in a subclass "
                        f"of {type(self).__name__}.")
             self.print_to_log_file(message)
             raise InputError(message)
+
+    def training_has_diverged(self, train_outputs) -> bool:
+        """A non-finite epoch is fatal only if the weights are no longer finite, or if no step of the
+        epoch had a finite loss. Under CUDA mixed precision nnU-Net's GradScaler skips a step whose
+        gradients overflow and recovers, so one non-finite batch alone is no reason to stop."""
+        if any(not torch.isfinite(p).all() for p in self.network.parameters() if p.requires_grad):
+            return True  # DDP keeps the weights equal on every rank
+        finite_steps = sum(bool(np.isfinite(o["loss"])) for o in train_outputs)
+        if self.is_ddp:  # every rank gets here (the mean above is theirs together)
+            counts = [None] * dist.get_world_size()
+            dist.all_gather_object(counts, finite_steps)
+            finite_steps = sum(counts)
+        return finite_steps == 0
 
     def on_train_end(self):
         if self.device.type == "cuda":  # read by `nnunet-fseft benchmark`

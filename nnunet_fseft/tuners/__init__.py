@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from torch import nn
 
 from nnunet_fseft.anatomy import Anatomy, anatomy
+from nnunet_fseft.errors import InputError
 
 # Every adapter parameter name contains this token; nothing in nnU-Net's networks does.
 ADAPTER_TOKEN = "fseft_"
@@ -49,11 +50,24 @@ class Method:
     # folds a site's update into its own weights; None: the branches are non-linear, nothing folds
     fold: Optional[Callable[[nn.Module], None]] = None
 
+    def __post_init__(self):
+        # the trainer class is the one place a hyper-parameter's value is written (a programming error)
+        with_default = [p.name for p in self._keyword_only() if p.default is not p.empty]
+        if with_default:
+            raise TypeError(f"{self.additions.__qualname__} gives {', '.join(with_default)} a default; "
+                            f"hyper-parameters take their values from the trainer class only.")
+
+    def _keyword_only(self) -> List[inspect.Parameter]:
+        return [p for p in inspect.signature(self.additions).parameters.values() if p.kind is p.KEYWORD_ONLY]
+
+    @property
+    def name(self) -> str:
+        return self.layer.__name__
+
     @property
     def hyperparameters(self) -> Tuple[str, ...]:
-        """The keyword-only arguments of `additions`, without defaults: the trainer class sets each."""
-        return tuple(p.name for p in inspect.signature(self.additions).parameters.values()
-                     if p.kind is p.KEYWORD_ONLY)
+        """The keyword-only arguments of `additions` (none has a default): the trainer class sets each."""
+        return tuple(p.name for p in self._keyword_only())
 
 
 _ADAPTED = {}
@@ -104,6 +118,9 @@ def inject(network: nn.Module, method: Method, **hyperparameters) -> List[str]:
 
 def merge(network: nn.Module, method: Method) -> None:
     """Folds every site's update into its own weights; the sites become plain nnU-Net modules again."""
+    if method.fold is None:
+        raise InputError(f"{method.name} adds non-linear branches, which cannot be folded into plain weights; "
+                         f"share the model with `nnunet-fseft export` instead, or train a linear method such as LoRA.")
     for module in [m for m in network.modules() if isinstance(m, method.layer)]:
         method.fold(module)
         module.__class__ = type(module).__bases__[-1]  # the site's own class (see adapted_class)
