@@ -22,6 +22,7 @@ class Anatomy:
     architecture: str            # class name of the network, for messages
     transformer: bool            # True for Primus: encoder blocks are token MLPs, not conv stages
     head: List[str]              # module names of the segmentation head(s): what depends on the classes
+    encoder: List[str]           # module-name prefixes of the encoder: where FSEFT puts PEFT
     decoder: List[str]           # module-name prefixes of the decoder, head included
     last_stage: List[str]        # module names of the last decoder stage, head excluded
     encoder_stages: List[str]    # conv stages of the encoder, in forward order ([] for Primus)
@@ -42,16 +43,33 @@ def anatomy(network: nn.Module) -> Anatomy:
         decoder_stages = [_inside_sequential(network, f"decoder.stages.{i}") for i in range(n)]
         return Anatomy(kind, False,
                        head=[f"decoder.seg_layers.{i}" for i in range(len(decoder.seg_layers))],
+                       encoder=["encoder"],
                        decoder=["decoder.stages", "decoder.transpconvs", "decoder.seg_layers"],
                        last_stage=[f"decoder.stages.{n - 1}", f"decoder.transpconvs.{n - 1}"],
                        encoder_stages=encoder_stages, decoder_stages=decoder_stages,
                        blocks=_conv_blocks(network, ["encoder"] + decoder_stages))
     if hasattr(network, "eva") and hasattr(network, "up_projection"):
-        return Anatomy(kind, True, head=["up_projection"], decoder=["up_projection"], last_stage=[],
+        return Anatomy(kind, True, head=["up_projection"], encoder=["down_projection", "eva"],
+                       decoder=["up_projection"], last_stage=[],
                        encoder_stages=[], decoder_stages=[],
                        blocks=[f"eva.blocks.{i}.mlp" for i in range(len(network.eva.blocks))])
     raise InputError(f"nnunet-fseft does not know the {kind} architecture; it supports PlainConvUNet, "
                      f"ResidualEncoderUNet and Primus as nnU-Net builds them from plans.")
+
+
+def cancelled_biases(network: nn.Module) -> Set[str]:
+    """Parameter names of the conv biases that cannot change the network's output: those of a conv
+    whose output goes straight into a norm that subtracts each channel's mean (InstanceNorm,
+    BatchNorm), as in every conv block nnU-Net builds. BitFit trains only the other biases."""
+    from dynamic_network_architectures.building_blocks.simple_conv_blocks import ConvDropoutNormReLU
+    mean_free = (nn.modules.instancenorm._InstanceNorm, nn.modules.batchnorm._BatchNorm)
+    cancelled = set()
+    for name, m in network.named_modules():
+        ops = list(getattr(m, "all_modules", []))  # conv, [dropout], [norm], [nonlin], in forward order
+        if (isinstance(m, ConvDropoutNormReLU) and len(ops) > 1 and ops[0] is m.conv
+                and isinstance(ops[1], mean_free) and m.conv.bias is not None):
+            cancelled.add(f"{name}.conv.bias")
+    return cancelled
 
 
 def head_names(network: nn.Module) -> Set[str]:

@@ -8,7 +8,7 @@ from typing import Dict, Iterable, Set, Tuple
 
 from torch import nn
 
-from nnunet_fseft.anatomy import anatomy, within
+from nnunet_fseft.anatomy import anatomy, cancelled_biases, within
 from nnunet_fseft.blackbox import frozen_foundation
 from nnunet_fseft.errors import InputError
 from nnunet_fseft.tuners import is_adapter_parameter
@@ -27,6 +27,7 @@ def parameter_groups(network: nn.Module) -> Dict[str, Set[str]]:
     names = [n for n, _ in network.named_parameters()]
     foundation = [n for n in names if not is_adapter_parameter(n)]
     module_of = {n: n.rsplit(".", 1)[0] for n in names}
+    encoder = [n for n in foundation if within(module_of[n], a.encoder)]
     norms = {name for name, m in network.named_modules() if _is_norm(m) and not is_adapter_parameter(name)}
     return {
         "all": set(names),
@@ -34,8 +35,9 @@ def parameter_groups(network: nn.Module) -> Dict[str, Set[str]]:
         "head": {n for n in foundation if within(module_of[n], a.head)},
         "decoder": {n for n in foundation if within(module_of[n], a.decoder)},
         "last_stage": {n for n in foundation if within(module_of[n], a.last_stage)},
-        "bias": {n for n in foundation if n.endswith(".bias")},
-        "norm": {n for n in foundation if module_of[n] in norms},
+        # FSEFT's BitFit and affine-norm adapt the encoder; a conv bias that a norm cancels is left out
+        "encoder_bias": {n for n in encoder if n.endswith(".bias") and n not in cancelled_biases(network)},
+        "encoder_norm": {n for n in encoder if module_of[n] in norms},
     }
 
 

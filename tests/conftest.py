@@ -36,7 +36,9 @@ def workspace(tmp_path_factory):
         os.makedirs(root / var, exist_ok=True)
         mp.setenv(var, str(root / var))
     mp.setenv("nnUNet_compile", "f")
-    mp.setenv("nnUNet_def_n_proc", "2")  # nnU-Net's default of 8 export workers is slow on 2 cores
+    # nnU-Net's default of 8 workers (validation export, evaluation) is slow for two 32^3 cases: each
+    # spawned worker imports torch and nnU-Net again
+    mp.setenv("nnUNet_def_n_proc", "1")
     # (nnUNet_n_proc_DA=0 is exported to every command by helpers.run, not here: see COMMAND_ENV)
     yield root
     mp.undo()

@@ -8,13 +8,13 @@ import torch
 from torch import nn
 
 from networks import plain2d, plain3d, plans_manager, primus, resenc3d
-from nnunet_fseft.blackbox import build_black_box
+from nnunet_fseft.blackbox import LinearProbe, build_black_box
 from nnunet_fseft.errors import InputError
 from nnunet_fseft.feature_cache import FeatureDataset, FeatureStore, sliding_window_features
 from nnunet_fseft.head_init import head_rows, initialise_head
 from nnunet_fseft.labels import canonical, match_labels
 from nnunet_fseft.parameters import count_parameters
-from nnunet_fseft.transductive import size_hinge, size_prior, soft_sizes, support_volumes
+from nnunet_fseft.transductive import SizePrior, pooled, size_hinge, size_prior, soft_sizes, support_volumes
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -234,36 +234,63 @@ def test_head_rows_copy_matched_rows_and_leave_new_ones():
 
 # --- the size prior and its hinge -------------------------------------------------------------
 
-def test_size_prior_of_labels_of_known_volume():
+def test_size_prior_is_the_mean_volume_of_each_labels_largest_component():
     segs = []
-    for n in (10, 20, 30):  # class 1: n voxels; class 2: 5 voxels
+    for n in (10, 20, 30):  # class 1: n voxels in a row, plus a stray island of 3; class 2: 5 voxels
         s = np.zeros((8, 8, 8), dtype=np.int16)
         s.flat[:n] = 1
-        s.flat[100:105] = 2
+        s[7, 7, 5:8] = 1
+        s[3, 3, :5] = 2
         segs.append(s)
     volumes = support_volumes(segs, 3, voxel_volume=2.0)
-    assert volumes.tolist() == [[20, 10], [40, 10], [60, 10]]
-    assert size_prior(volumes).tolist() == [40, 10]  # K < 5: the mean
-    # K >= 5: 1000 lies beyond one standard deviation (383) of the median (40) and is dropped
-    five = np.array([[20.0], [30.0], [40.0], [90.0], [1000.0]])
-    assert size_prior(five).tolist() == [45.0]
-    assert size_prior(np.full((6, 1), 7.0)).tolist() == [7.0]
+    assert volumes.tolist() == [[20, 10], [40, 10], [60, 10]]  # the islands are left out
+    assert size_prior(volumes).tolist() == [40, 10]
+    assert support_volumes([np.zeros((4, 4, 4), np.int16)], 2, 1.0).tolist() == [[0]]  # absent: 0
 
 
-def test_size_hinge_is_zero_inside_the_band_and_pushes_back_outside():
+def test_size_hinge_is_the_relative_error_beyond_the_margin():
     prior = torch.tensor([100.0, 50.0])
-    for inside in ([70.0, 35.0], [100.0, 50.0], [130.0, 65.0]):
+    for inside in ([70.0, 35.0], [100.0, 50.0], [140.0, 70.0]):  # |S - S_hat| / max(S, S_hat) <= 0.3
         assert size_hinge(torch.tensor(inside), prior, 0.3).item() == 0.0
     small = torch.tensor([50.0, 50.0], requires_grad=True)
     loss = size_hinge(small, prior, 0.3)
     loss.backward()
-    assert loss.item() == pytest.approx((70 - 50) / 100 / 2)
+    assert loss.item() == pytest.approx((50 / 100 - 0.3) / 2)
     assert small.grad[0] < 0 and small.grad[1] == 0  # gradient descent grows the too-small organ
-    large = torch.tensor([200.0, 50.0], requires_grad=True)
-    size_hinge(large, prior, 0.3).backward()
+    large = torch.tensor([1000.0, 50.0], requires_grad=True)
+    hinge = size_hinge(large, prior, 0.3)
+    hinge.backward()
+    assert hinge.item() == pytest.approx((900 / 1000 - 0.3) / 2) and hinge.item() < 0.5  # bounded, however large
     assert large.grad[0] > 0  # and shrinks the too-large one
     absent = torch.tensor([5.0, 50.0], requires_grad=True)
     assert size_hinge(absent, torch.tensor([0.0, 50.0]), 0.3).item() == 0.0  # S = 0: no prior
+
+
+def test_query_features_are_pooled_by_two_and_keep_their_volume():
+    features = torch.rand(3, 5, 8, 7, dtype=torch.float16)
+    small = pooled(features)
+    assert small.shape == (3, 3, 4, 4) and small.dtype == torch.float16
+    assert torch.allclose(small[:, :2, :, :3].float(), features[:, :4, :, :6].float()
+                          .reshape(3, 2, 2, 4, 2, 3, 2).mean((2, 4, 6)), atol=1e-3)
+
+
+def test_the_size_step_moves_a_too_small_organ_and_none_inside_its_band():
+    torch.manual_seed(0)
+    adapter = LinearProbe(nn.Conv3d, 4, 2)
+    with torch.no_grad():
+        adapter.head.bias.copy_(torch.tensor([3.0, -3.0]))  # almost nothing predicted as the organ
+    query = torch.randn(4, 6, 6, 6).numpy()
+    optimizer = torch.optim.SGD(adapter.parameters(), lr=1.0)
+    size = lambda: float(soft_sizes(adapter(torch.from_numpy(query)[None]), 8.0)[0])
+    prior = SizePrior([query], np.array([0.5 * 216 * 8.0]), voxel_volume=1.0, margin=0.3, weight=1.0)
+    before = size()
+    hinge = prior.step(adapter, optimizer)
+    assert hinge > 0 and size() > before  # a pooled voxel is 8 voxels of volume 1
+    inside = SizePrior([query], np.array([size()]), voxel_volume=1.0, margin=0.3, weight=1.0)
+    weights = [p.detach().clone() for p in adapter.parameters()]
+    momentum = torch.optim.AdamW(adapter.parameters(), lr=1.0)
+    assert inside.step(adapter, momentum) == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(weights, adapter.parameters()))
 
 
 def test_soft_sizes_count_probability_mass_in_mm3():

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from helpers import BASE_TARGET_LABELS, FOUNDATION_TO_BASE_TARGET, TRAIN_ENV, images, run, segmentations
+from helpers import BASE_TARGET_LABELS, FOUNDATION_TO_BASE_TARGET, PREDICT_ON_CPU, TRAIN_ENV, images, run, segmentations
 from nnunet_fseft.foundation import read_checkpoint, sha256
 
 
@@ -21,7 +21,7 @@ def train(dataset, trainer, env=None, check=True):
 
 def predict(dataset, trainer, images_folder, out):
     run(["nnUNetv2_predict", "-i", images_folder, "-o", out, "-d", dataset, "-c", "3d_fullres", "-f", "0",
-         "-p", "FSEFTPlans", "-tr", trainer, "-device", "cpu", "--disable_tta"])
+         "-p", "FSEFTPlans", "-tr", trainer, *PREDICT_ON_CPU])
     return segmentations(out)
 
 
@@ -50,7 +50,7 @@ def test_spatial_adapter_trains_on_cached_features_and_predicts(workspace, targe
     imported = tmp_path / "imported" / f"{trainer}__FSEFTPlans__3d_fullres"
     run(["nnunet-fseft", "import", adapter, "--foundation", foundation, "-o", imported])
     run(["nnUNetv2_predict_from_modelfolder", "-i", images(workspace), "-o", tmp_path / "pred_imported", "-m",
-         imported, "-f", "0", "-device", "cpu", "--disable_tta"])
+         imported, "-f", "0", *PREDICT_ON_CPU])
     for got, want in zip(segmentations(tmp_path / "pred_imported"), segs):
         assert np.array_equal(got, want)
     merge = run(["nnunet-fseft", "merge", folder, "-o", tmp_path / "merged"], check=False)

@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from helpers import TRAIN_ENV, run, segmentations
+from helpers import PREDICT_ON_CPU, TRAIN_ENV, run, segmentations
 from nnunet_fseft.foundation import PLANS_KEY, read_checkpoint
 from nnunet_fseft.tuners import is_adapter_parameter
 
@@ -47,6 +47,34 @@ def test_lora_training_loads_foundation_and_trains_only_adapters(lora_run, found
     assert_foundation_untouched(folder / "fold_0" / "checkpoint_final.pth", foundation)
     summary = json.load(open(folder / "fold_0" / "validation" / "summary.json"))
     assert "foreground_mean" in summary
+    # the final checkpoint is the model: none is chosen on the validation cases (the K-shot test set)
+    assert "few-shot schedule for K = 1: at most 2 epochs x 3 iterations (3 per pass" in log
+    assert not (folder / "fold_0" / "checkpoint_best.pth").exists()
+
+
+EARLY_STOP = """
+from nnunet_fseft.trainers import nnUNetTrainerFSEFT_BitFit
+
+
+class nnUNetTrainerFSEFT_BitFit_Impatient(nnUNetTrainerFSEFT_BitFit):
+    plateau_window = 1
+    plateau_patience = 1  # at least 2 epochs
+    plateau_delta = 100.0  # no gain is ever enough
+"""
+
+
+def test_training_stops_when_the_train_loss_stops_improving(workspace, target, tmp_path):
+    (tmp_path / "impatient.py").write_text(EARLY_STOP)
+    trainer = "nnUNetTrainerFSEFT_BitFit_Impatient"
+    env = {**TRAIN_ENV, "nnUNet_fseft_epochs": "6", "nnUNet_extTrainer": os.pathsep.join(
+        [str(tmp_path), os.environ.get("nnUNet_extTrainer", "")])}
+    log = run(["nnUNetv2_train", target, "3d_fullres", "1", "-p", "FSEFTPlans", "-tr", trainer, "-device", "cpu"],
+              env=env).stdout
+    fold = results_folder(workspace, trainer) / "fold_1"
+    assert "Early stop after epoch 2" in log and log.count("Epoch time") == 3  # of 6
+    assert (fold / "checkpoint_final.pth").is_file() and not (fold / "checkpoint_best.pth").exists()
+    assert not (fold / "checkpoint_latest.pth").exists()  # nnU-Net's end of training ran
+    assert "foreground_mean" in json.loads((fold / "validation" / "summary.json").read_text())
 
 
 def copy_of(lora_run, tmp_path):
@@ -90,7 +118,7 @@ def test_validation_only_rebuilds_the_network(lora_run, target, tmp_path):
 def test_predict_writes_segmentations_with_input_geometry(lora_run, workspace, target, tmp_path):
     images = workspace / "nnUNet_raw" / "Dataset501_SynthCTB" / "imagesTs"
     run(["nnUNetv2_predict", "-i", images, "-o", tmp_path, "-d", target, "-c", "3d_fullres", "-f", "0",
-         "-p", "FSEFTPlans", "-tr", LORA, "-device", "cpu", "--disable_tta"])
+         "-p", "FSEFTPlans", "-tr", LORA, *PREDICT_ON_CPU])
     inputs = sorted(glob.glob(str(images / "*_0000.nii.gz")))
     assert len(inputs) == 2
     for path in inputs:

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from helpers import TRAIN_ENV, fails_with, run, tree
+from helpers import PREDICT_ON_CPU, TRAIN_ENV, fails_with, run, tree
 
 SOURCE_A, SOURCE_B, POOLED = "110", "111", "210"
 ORGANS_A, ORGANS_B = ["liver", "spleen"], ["kidney_left", "kidney_right"]
@@ -96,7 +96,7 @@ def test_pool_pretrain_predict_and_adopt(workspace, sources, pooled):
 
     out = workspace / "pooled_predictions"
     run(["nnUNetv2_predict", "-i", raw / "Dataset110_PartA" / "imagesTs", "-o", out, "-d", POOLED, "-c", "3d_fullres",
-         "-f", "0", "-p", plans, "-tr", "nnUNetTrainerFSEFT_FoundationShort", "-device", "cpu", "--disable_tta"])
+         "-f", "0", "-p", plans, "-tr", "nnUNetTrainerFSEFT_FoundationShort", *PREDICT_ON_CPU])
     import SimpleITK as sitk
     predicted = set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "PartA_004.nii.gz")))).tolist())
     assert predicted & {1, 2} and predicted & {3, 4}, predicted  # organs of both sources on one scan

@@ -88,9 +88,12 @@ def _expected_trainable(net, method, name) -> bool:
     head = name.startswith(anatomy(net).head[-1]) or "seg_layers" in name
     groups = METHODS[method].trainable
     encoder = name.startswith(("encoder.", "eva.", "down_projection."))
+    block = name[:-len(".conv.bias")] if name.endswith(".conv.bias") else None
+    normalised = block is not None and "instancenorm" in type(getattr(net.get_submodule(block), "norm", None)).__name__.lower()
     checks = {"all": True, "head": head, "adapters": "fseft_" in name, "decoder": not encoder and "fseft_" not in name
-              and name not in ("mask_token",), "bias": name.endswith(".bias") and "fseft_" not in name,
-              "norm": "fseft_" not in name and ("norm" in type(module).__name__.lower()),
+              and name not in ("mask_token",),
+              "encoder_bias": encoder and name.endswith(".bias") and "fseft_" not in name and not normalised,
+              "encoder_norm": encoder and "fseft_" not in name and ("norm" in type(module).__name__.lower()),
               "last_stage": None}
     if "last_stage" in groups:
         return None  # checked by size in test_ft_last_trains_less_than_the_decoder
@@ -112,6 +115,32 @@ def test_gradients_reach_exactly_the_intended_parameters(arch, method):
             assert p.requires_grad == expected, n
     assert any(p.grad.abs().sum() > 0 for n, p in net.named_parameters() if p.requires_grad and "fseft_" in n) \
         or not any("fseft_" in n for n in trainable)
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_bitfit_leaves_out_exactly_the_biases_that_cannot_change_the_output(arch):
+    """A conv bias that an InstanceNorm follows is subtracted again with the channel's mean."""
+    _, net, x = adapted(arch, "nnUNetTrainerFSEFT_BitFit")
+    net.eval()
+    before = outputs(net, x)
+    encoder_biases = [n for n, _ in net.named_parameters() if n.startswith(("encoder.", "eva.", "down_projection."))
+                      and n.endswith(".bias")]
+    trained = {n for n, p in net.named_parameters() if p.requires_grad}
+    left_out = [n for n in encoder_biases if n not in trained]
+    assert arch == "primus" or left_out  # nnU-Net's conv blocks: conv (with bias), InstanceNorm
+    kept = [n for n in encoder_biases if n in trained]
+    moved_by = {}
+    for n in left_out + kept:
+        p = net.get_parameter(n)
+        change = torch.randn_like(p)  # per channel: a LayerNorm cancels a shift shared by all channels
+        with torch.no_grad():
+            p.add_(change)
+        after = outputs(net, x)
+        with torch.no_grad():
+            p.sub_(change)
+        moved_by[n] = any(not torch.allclose(a, b, atol=1e-4) for a, b in zip(after, before))
+    assert not any(moved_by[n] for n in left_out), [n for n in left_out if moved_by[n]]
+    assert kept and any(moved_by[n] for n in kept)
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))

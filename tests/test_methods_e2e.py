@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import TRAIN_ENV, WITHOUT_PLUGIN, images, run, segmentations
+from helpers import PREDICT_ON_CPU, TRAIN_ENV, WITHOUT_PLUGIN, images, run, segmentations
 from networks import plans_manager
 from nnunet_fseft.foundation import read_checkpoint
 from nnunet_fseft.tuners import is_adapter_parameter
@@ -28,7 +28,7 @@ def train(target, trainer, fold="0"):
 
 def predict_folder(workspace, model_folder, out, fold="0"):
     run(["nnUNetv2_predict_from_modelfolder", "-i", images(workspace), "-o", out, "-m", model_folder,
-         "-f", fold, "-device", "cpu", "--disable_tta"])
+         "-f", fold, *PREDICT_ON_CPU])
     return segmentations(out)
 
 
@@ -45,7 +45,7 @@ def test_train_and_predict(trainer, workspace, target, foundation, tmp_path):
         if not is_adapter_parameter(k) and ".seg_layers." not in k:
             assert (ckpt[k] == original[k]).all(), k
     run(["nnUNetv2_predict", "-i", images(workspace), "-o", tmp_path, "-d", target, "-c", "3d_fullres", "-f", "0",
-         "-p", "FSEFTPlans", "-tr", trainer, "-device", "cpu", "--disable_tta"])
+         "-p", "FSEFTPlans", "-tr", trainer, *PREDICT_ON_CPU])
     assert all(set(np.unique(s)) <= {0, 1} for s in segmentations(tmp_path))
 
 
@@ -115,7 +115,7 @@ def test_merged_model_runs_on_nnunet_alone_with_the_same_segmentation(combo, wor
     script = tmp_path / "predict_without_plugin.py"
     script.write_text(WITHOUT_PLUGIN)
     run([sys.executable, script, "-i", images(workspace), "-o", tmp_path / "pred", "-m", merged, "-f", "0",
-         "-device", "cpu", "--disable_tta"])
+         *PREDICT_ON_CPU])
     for g, w in zip(segmentations(tmp_path / "pred"), want):
         assert (g == w).mean() > 0.9999
 

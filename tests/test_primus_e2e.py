@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from helpers import TRAIN_ENV, WITHOUT_PLUGIN, images, run, segmentations
+from helpers import PREDICT_ON_CPU, TRAIN_ENV, WITHOUT_PLUGIN, images, run, segmentations
 from nnunet_fseft.foundation import read_checkpoint
 
 PRIMUS = "nnUNet_Primus_S_Trainer"
@@ -41,7 +41,7 @@ def test_lora_on_primus_trains_predicts_and_merges_into_a_primus_model(primus_ta
     weights = read_checkpoint(str(results(workspace, trainer) / "fold_0" / "checkpoint_final.pth"))["network_weights"]
     assert any(k.startswith("eva.blocks.0.attn.q_proj.fseft_lora_") for k in weights)
     run(["nnUNetv2_predict", "-i", images(workspace), "-o", tmp_path / "adapted", "-d", primus_target, "-c",
-         "3d_fullres", "-f", "0", "-p", "PrimusPlans", "-tr", trainer, "-device", "cpu", "--disable_tta"])
+         "3d_fullres", "-f", "0", "-p", "PrimusPlans", "-tr", trainer, *PREDICT_ON_CPU])
     want = segmentations(tmp_path / "adapted")
 
     merged = tmp_path / f"{PRIMUS}__PrimusPlans__3d_fullres"
@@ -50,7 +50,7 @@ def test_lora_on_primus_trains_predicts_and_merges_into_a_primus_model(primus_ta
     script = tmp_path / "predict_without_plugin.py"
     script.write_text(WITHOUT_PLUGIN)
     run(["python", script, "-i", images(workspace), "-o", tmp_path / "merged", "-m", merged, "-f", "0",
-         "-device", "cpu", "--disable_tta"])
+         *PREDICT_ON_CPU])
     for g, w in zip(segmentations(tmp_path / "merged"), want):
         assert (g == w).mean() > 0.9999
 

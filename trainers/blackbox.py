@@ -19,7 +19,7 @@ from nnunet_fseft.blackbox import build_black_box
 from nnunet_fseft.errors import InputError
 from nnunet_fseft.feature_cache import FeatureDataset, FeatureStore, cache_bytes, sliding_window_features
 from nnunet_fseft.foundation import build_foundation, recorded_foundation, unwrap
-from nnunet_fseft.transductive import SizePriorLoss, query_images, size_prior, support_volumes
+from nnunet_fseft.transductive import SizePrior, pooled, query_images, size_prior, support_volumes
 from nnunet_fseft.trainers.nnUNetTrainerFSEFT import nnUNetTrainerFSEFT
 
 
@@ -33,9 +33,8 @@ class nnUNetTrainerFSEFT_BlackBox(nnUNetTrainerFSEFT):
     features = "cached"
     feature_store = "memory"
     transductive = False
-    size_margin = 0.3   # g: the band [(1 - g) S, (1 + g) S]
-    size_weight = 0.1   # weight of the size hinge in the loss
-    seed = 0            # order in which query volumes are visited
+    size_margin = 0.3   # g: the hinge is zero while |S - S_hat| / max(S, S_hat) <= g
+    size_weight = 0.1   # weight of the hinge in its extra optimiser step
     learning_rate = 1e-2
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -49,7 +48,7 @@ class nnUNetTrainerFSEFT_BlackBox(nnUNetTrainerFSEFT):
             raise InputError(f"{self.__class__.__name__} trains on cached features, not images, so the GPU data path "
                              f"does not apply; unset nnUNet_fseft_gpu_data, or train features = 'online' (e.g. "
                              f"nnUNetTrainerFSEFT_SpatialAdapterOnline).")
-        self.store = self.query_store = None
+        self.store = self.query_store = self.size_prior = None
         self.query_files = []
 
     @classmethod
@@ -104,17 +103,20 @@ class nnUNetTrainerFSEFT_BlackBox(nnUNetTrainerFSEFT):
         # one per GPU process under DDP: every rank writes, reads and removes its own
         return os.path.join(self.output_folder, f"{name}_rank{self.local_rank}" if self.is_ddp else name)
 
-    def _cache(self, keys, load, what: str, folder: str) -> FeatureStore:
-        """Computes the features of every volume, after reporting how large they will be."""
+    def _cache(self, keys, load, what: str, folder: str, pool: bool = False) -> FeatureStore:
+        """Computes the features of every volume (average-pooled by 2 per axis if `pool`), after
+        reporting how large they will be."""
         frozen = unwrap(self.network).foundation
         images = {k: load(k) for k in keys}
         store = FeatureStore(folder if self.feature_store == "disk" else "")
-        size = cache_bytes(frozen.channels, [np.shape(v)[1:] for v in images.values()])
-        self.print_to_log_file(f"Caching the features of {len(keys)} {what} volumes: {frozen.channels} channels, "
-                               f"{_megabytes(size)} fp16 {'in ' + folder if store.folder else 'in memory'}")
+        shapes = [tuple(-(-n // 2) if pool else n for n in np.shape(v)[1:]) for v in images.values()]
+        self.print_to_log_file(f"Caching the features of {len(keys)} {what} volumes: {frozen.channels} channels"
+                               f"{', pooled by 2 per axis' if pool else ''}, {_megabytes(cache_bytes(frozen.channels, shapes))}"
+                               f" fp16 {'in ' + folder if store.folder else 'in memory'}")
         for k, image in images.items():
-            store.put(k, sliding_window_features(frozen, frozen.channels, torch.from_numpy(np.asarray(image[:])),
-                                                 self.configuration_manager.patch_size, self.device))
+            features = sliding_window_features(frozen, frozen.channels, torch.from_numpy(np.asarray(image[:])),
+                                               self.configuration_manager.patch_size, self.device)
+            store.put(k, pooled(features) if pool else features)
         return store
 
     @staticmethod
@@ -132,8 +134,6 @@ class nnUNetTrainerFSEFT_BlackBox(nnUNetTrainerFSEFT):
 
     def _use_features(self, on: bool):
         unwrap(self.network).takes_features = on and self.features == "cached"
-        if isinstance(self.loss, SizePriorLoss):
-            self.loss.active = on
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
@@ -172,12 +172,14 @@ class nnUNetTrainerFSEFT_BlackBox(nnUNetTrainerFSEFT):
         preprocessor = self.configuration_manager.preprocessor_class(verbose=False)
         images = {f"query_{i}": preprocessor.run_case(files, None, self.plans_manager, self.configuration_manager,
                                                       self.dataset_json)[0] for i, files in enumerate(self.query_files)}
-        store = self._cache(list(images), images.get, "query", self._cache_folder("feature_cache_query"))
+        store = self._cache(list(images), images.get, "query", self._cache_folder("feature_cache_query"), pool=True)
         self.query_store = store
-        self.loss = SizePriorLoss(self.loss, unwrap(self.network).adapter, [store.get(k) for k in images], prior,
-                                  voxel_volume, self.size_margin, self.size_weight, self.seed)
+        self.size_prior = SizePrior([store.get(k) for k in images], prior, voxel_volume, self.size_margin,
+                                    self.size_weight)
 
     def on_train_epoch_end(self, train_outputs):
         super().on_train_epoch_end(train_outputs)
-        if isinstance(self.loss, SizePriorLoss):
-            self.print_to_log_file(f"size hinge on query volumes (last step): {self.loss.last_hinge:.4f}")
+        steps_done = (self.current_epoch + 1) * self.num_iterations_per_epoch
+        if self.size_prior is not None and steps_done >= self.schedule.warmup_steps:
+            hinge = self.size_prior.step(unwrap(self.network).adapter, self.optimizer)
+            self.print_to_log_file(f"size hinge on query volumes (mean, before its step): {hinge:.4f}")

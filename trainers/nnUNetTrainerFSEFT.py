@@ -14,6 +14,7 @@ calls that classmethod, rebuilds the same network. Where the foundation comes fr
 `-pretrained_weights` on the command line wins over the recorded foundation.
 `--c` / `--val` restore the adapted network from our own checkpoint and load no foundation.
 """
+import math
 import os
 import sys
 
@@ -29,6 +30,7 @@ from nnunet_fseft.foundation import architecture_trainer, load_foundation, recor
 from nnunet_fseft.gpu_data import device_dataloaders, gpu_data_enabled
 from nnunet_fseft.head_init import head_rows, initialise_head
 from nnunet_fseft.parameters import count_parameters, freeze
+from nnunet_fseft.schedule import WarmupCosine, few_shot_schedule, plateaued
 from nnunet_fseft.settings import check_settings
 from nnunet_fseft.tuners.registry import apply_tuner
 
@@ -56,17 +58,31 @@ def adamw_poly(trainer: nnUNetTrainer):
     return optimizer, PolyLRScheduler(optimizer, trainer.initial_lr, trainer.num_epochs)
 
 
+class _Plateau(Exception):
+    """The train loss stopped improving (nnU-Net's loop has no way out but its last epoch)."""
+
+
 class nnUNetTrainerFSEFT(nnUNetTrainer):
     tuner = None  # method name in nnunet_fseft.tuners.registry.TUNERS; None adds no adapters
     trainable = ("all",)  # parameter groups it trains (nnunet_fseft.parameters.parameter_groups)
 
-    # Schedule for K <= 10 support scans (nnU-Net's 1000 x 250 is far too long);
-    # nnUNet_fseft_epochs / nnUNet_fseft_iters_per_epoch override it.
-    epochs = 100
-    iterations_per_epoch = 50
+    # Few-shot schedule (nnunet_fseft/schedule.py, FSEFT's rule): at most `max_passes` passes over the
+    # K support scans, `patches_per_scan` patches per scan and pass; linear warm-up over `warmup_passes`,
+    # then cosine decay; an early stop once the train loss's moving average over `plateau_window` passes
+    # gains less than `plateau_delta` in `plateau_patience` passes. The final checkpoint is the model:
+    # nothing is chosen on the validation cases, which are the test set of a K-shot split.
+    # `epochs` (None: from K) / nnUNet_fseft_epochs and nnUNet_fseft_iters_per_epoch override the length.
+    max_passes = 200
+    patches_per_scan = 6
+    warmup_passes = 1
+    plateau_window = 10
+    plateau_patience = 20
+    plateau_delta = 1e-3
+    epochs = None
+    iterations_per_epoch = 25
     val_iterations_per_epoch = 10
     learning_rate = 1e-3
-    weight_decay_fseft = 1e-4
+    weight_decay_fseft = 0.0  # FSEFT's: none
     # Zero-shot start: target labels the foundation knows (by name) start from its head rows.
     head_init = True
     # Support set, patch sampling and augmentation on the training device (nnunet_fseft/gpu_data.py);
@@ -77,7 +93,10 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
                  device: torch.device = torch.device('cuda')):
         check_settings(type(self))  # before nnU-Net's set-up: a misspelt hyper-parameter stops here
         super().__init__(plans, configuration, fold, dataset_json, device)
-        set_schedule(self, self.epochs, self.iterations_per_epoch, self.val_iterations_per_epoch)
+        # the length until on_train_start knows K (plan_schedule)
+        set_schedule(self, self.epochs or self.max_passes, self.iterations_per_epoch, self.val_iterations_per_epoch)
+        self.schedule = None
+        self._step_in_epoch = 0
         self.initial_lr = self.learning_rate
         self.gpu_data = gpu_data_enabled(self.gpu_data)  # a bad nnUNet_fseft_gpu_data stops here, not later
         self.weight_decay = self.weight_decay_fseft
@@ -168,7 +187,37 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
         super().load_checkpoint(filename_or_checkpoint)
 
     def configure_optimizers(self):
+        # nnU-Net builds the optimizer in initialize(); the scheduler is replaced in on_train_start,
+        # once the split says how many support scans there are
         return adamw_poly(self)
+
+    def plan_schedule(self) -> None:
+        """The schedule for this fold's K support scans (nnunet_fseft/schedule.py)."""
+        k = len(self.do_split()[0])
+        fixed = os.environ.get("nnUNet_fseft_epochs") is not None or self.epochs is not None
+        self.schedule = few_shot_schedule(
+            k, self.configuration_manager.batch_size, self.num_iterations_per_epoch,
+            max_passes=self.max_passes, patches_per_scan=self.patches_per_scan, warmup_passes=self.warmup_passes,
+            plateau_window=self.plateau_window, plateau_patience=self.plateau_patience,
+            epochs=self.num_epochs if fixed else None)
+        self.num_epochs = self.schedule.epochs
+        s = self.schedule
+        self.print_to_log_file(
+            f"few-shot schedule for K = {k}: at most {s.epochs} epochs x {s.iterations_per_epoch} iterations "
+            f"({s.steps_per_pass} per pass over the support set), warm-up {s.warmup_steps} steps then cosine; "
+            f"early stop when the train loss's {s.window}-epoch moving average gains less than "
+            f"{self.plateau_delta:g} in {s.patience} epochs; the model is the final checkpoint (no checkpoint is "
+            f"chosen on the validation cases, the test set of a K-shot split)")
+
+    def train_step(self, batch: dict) -> dict:
+        if self.schedule is not None:  # the learning rate moves per step, not per epoch
+            self.lr_scheduler.at_step(self.current_epoch * self.num_iterations_per_epoch + self._step_in_epoch)
+            self._step_in_epoch += 1
+        return super().train_step(batch)
+
+    def on_train_epoch_start(self):
+        self._step_in_epoch = 0
+        super().on_train_epoch_start()
 
     def get_dataloaders(self):
         return device_dataloaders(self) if self.gpu_data else super().get_dataloaders()
@@ -185,10 +234,15 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
             self.adapt(network)
             self.optimizer, self.lr_scheduler = self.configure_optimizers()
             self._inject_on_train_start = False
+        self.plan_schedule()
+        self.lr_scheduler = WarmupCosine(self.optimizer, self.initial_lr, self.schedule)
         trainable, total = count_parameters(unwrap(self.network))
         self.print_to_log_file(f"{self.__class__.__name__}: training {trainable:,} of {total:,} parameters "
                                f"({100 * trainable / total:.2f}%)")
         super().on_train_start()
+        # No checkpoint_best.pth: nnU-Net saves one whenever the validation cases' pseudo-Dice beats
+        # this, and in a K-shot split those cases are the test set.
+        self._best_ema = math.inf
         if self.device.type == "cuda":  # after nnU-Net's set-up, so the peak below is training's own
             torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -203,6 +257,22 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
                        f"of {type(self).__name__}.")
             self.print_to_log_file(message)
             raise InputError(message)
+
+    def on_epoch_end(self):
+        super().on_epoch_end()
+        losses = self.logger.get_value("train_losses", step=None)  # every rank's mean: ranks agree
+        s = self.schedule
+        if s is not None and self.current_epoch < self.num_epochs and plateaued(losses, s.window, s.patience,
+                                                                                self.plateau_delta):
+            self.print_to_log_file(f"Early stop after epoch {self.current_epoch - 1}: the train loss's {s.window}-epoch "
+                                   f"moving average gained less than {self.plateau_delta:g} in {s.patience} epochs")
+            raise _Plateau()
+
+    def run_training(self):
+        try:
+            super().run_training()
+        except _Plateau:  # raised at an epoch's end: the loop's next step is the end of training
+            self.on_train_end()
 
     def training_has_diverged(self, train_outputs) -> bool:
         """A non-finite epoch is fatal only if the weights are no longer finite, or if no step of the

@@ -1,6 +1,7 @@
 """Fine-tuning methods: each a name, the parameter groups it trains and its hyper-parameters.
 
-Groups (nnunet_fseft.parameters): all, adapters, head, decoder, last_stage, bias, norm.
+Groups (nnunet_fseft.parameters): all, adapters, head, decoder, last_stage, encoder_bias, encoder_norm.
+PEFT adapts the encoder, as in FSEFT; the decoder is frozen unless a `_DecoderFT` variant tunes it whole.
 Learning rates follow the demo task's sweep (README, Schedule): a frozen backbone with a few
 trained tensors needs a larger step than full fine-tuning to leave the head's background bias.
 """
@@ -32,19 +33,19 @@ class nnUNetTrainerFSEFT_FTLast(nnUNetTrainerFSEFT):
 # --- parameter-efficient --------------------------------------------------------------------
 
 class nnUNetTrainerFSEFT_BitFit(nnUNetTrainerFSEFT):
-    """Every bias term and the head."""
-    trainable = ("bias", "head")
+    """The encoder's bias terms (those a norm does not cancel) and the head."""
+    trainable = ("encoder_bias", "head")
     learning_rate = 1e-2
 
 
 class nnUNetTrainerFSEFT_AffineNorm(nnUNetTrainerFSEFT):
-    """Scale and shift of every normalisation layer, and the head."""
-    trainable = ("norm", "head")
+    """Scale and shift of the encoder's normalisation layers, and the head."""
+    trainable = ("encoder_norm", "head")
     learning_rate = 1e-2
 
 
 class nnUNetTrainerFSEFT_LoRA(nnUNetTrainerFSEFT):
-    """LoRA in weight space on every conv and transposed conv (Primus: attention and MLP linears)."""
+    """LoRA in weight space on every encoder conv (Primus: attention and MLP linears)."""
     tuner = "lora"
     trainable = ("adapters", "head")
     rank = 8
@@ -53,7 +54,7 @@ class nnUNetTrainerFSEFT_LoRA(nnUNetTrainerFSEFT):
 
 
 class nnUNetTrainerFSEFT_AdaptFormer(nnUNetTrainerFSEFT):
-    """A bottleneck of 16 beside each block, scaled by 0.1 (FSEFT's setting)."""
+    """A bottleneck of 16 beside each encoder block, scaled by 0.1 (FSEFT's setting)."""
     tuner = "adaptformer"
     trainable = ("adapters", "head")
     bottleneck_width = 16
@@ -100,7 +101,7 @@ class nnUNetTrainerFSEFT_AdaptFormer_DecoderFT(nnUNetTrainerFSEFT_AdaptFormer):
 
 
 class nnUNetTrainerFSEFT_BitFit_DecoderFT(nnUNetTrainerFSEFT_BitFit):
-    trainable = ("bias", "decoder", "head")
+    trainable = ("encoder_bias", "decoder", "head")
     learning_rate = 1e-3
 
 

@@ -9,7 +9,7 @@ trainers) and drop-path apply to it too: its effective scale there is scale x ga
 """
 from torch import nn
 
-from nnunet_fseft.anatomy import conv_geometry
+from nnunet_fseft.anatomy import conv_geometry, within
 from nnunet_fseft.tuners import ADAPTER_TOKEN, Method, Site
 
 BRANCH, SCALE_NAME = ADAPTER_TOKEN + "adaptformer", ADAPTER_TOKEN + "adaptformer_scale"
@@ -21,7 +21,8 @@ class AdaptFormer(nn.Module):
 
 
 def sites(network: nn.Module, a) -> list:
-    return a.blocks
+    """Beside each encoder block, as in FSEFT (Primus's blocks are all its encoder)."""
+    return [b for b in a.blocks if within(b, a.encoder)]
 
 
 def bottleneck(site: Site, *, bottleneck_width: int, scale: float) -> dict:
