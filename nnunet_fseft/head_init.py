@@ -1,8 +1,11 @@
-"""Zero-shot head initialisation: a target label the foundation already knows starts from the
-foundation's classifier row for it (FSEFT), so training starts from the foundation's prediction
-of that organ instead of from nothing. The background row starts from the foundation's too."""
+"""Head initialisation: a target label the foundation already knows starts from the foundation's
+classifier row for it (FSEFT), so training starts from the foundation's prediction of that organ
+instead of from nothing; the background row starts from the foundation's too. A label it does not
+know starts from the support set itself (weight imprinting, `imprint`), so that a novel organ is
+found at step 0 and training refines it rather than discovers it."""
 from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -35,3 +38,86 @@ def initialise_head(heads: Sequence[nn.Module], foundation_heads: Sequence[Tuple
             head.weight[t].copy_(weight[f])
             if head.bias is not None and bias is not None:
                 head.bias[t].copy_(bias[f])
+
+
+def label_crops(image: np.ndarray, seg: np.ndarray, patch: Sequence[int]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """One patch of `patch` size centred on each label present (on the volume's centre if none is),
+    padded with 0 and label -1 (ignored) where the volume is smaller. A 2D patch of a 3D volume is
+    the slice through that centre."""
+    present = [c for c in np.unique(seg) if c > 0]
+    centres = [np.argwhere(seg[0] == c).mean(0).round().astype(int) for c in present] or [np.array(seg.shape[1:]) // 2]
+    return [_crop(image, seg, patch, centre) for centre in centres]
+
+
+def _crop(image: np.ndarray, seg: np.ndarray, patch: Sequence[int], centre: np.ndarray):
+    if len(patch) == seg.ndim - 2:
+        image, seg, centre = image[:, centre[0]], seg[:, centre[0]], centre[1:]
+    out_image = np.zeros((image.shape[0], *patch), dtype=np.float32)
+    out_seg = np.full((1, *patch), -1, dtype=np.int16)
+    src, dst = [], []
+    for c, p, n in zip(centre, patch, seg.shape[1:]):
+        start = int(min(max(c - p // 2, 0), max(n - p, 0)))
+        length = min(p, n)
+        src.append(slice(start, start + length))
+        dst.append(slice(0, length))
+    out_image[(slice(None), *dst)] = image[(slice(None), *src)]
+    out_seg[(slice(None), *dst)] = seg[(slice(None), *src)]
+    return torch.from_numpy(out_image), torch.from_numpy(out_seg.astype(np.int64))
+
+
+@torch.no_grad()
+def imprint(network: nn.Module, heads: Sequence[nn.Module], patches: Sequence[Tuple[torch.Tensor, torch.Tensor]],
+            labels: Sequence[int]) -> dict:
+    """Weight imprinting for labels the foundation does not know, from the head's input features on
+    the support voxels: a linear discriminant (class means, one covariance shared by the classes)
+    between background and these labels. Label c's row becomes the background row plus the
+    discriminant's difference, so at step 0 c wins over background where the support set's features
+    are likelier under c, and the labels compete among themselves the same way. The classes get
+    equal priors: with the voxel frequencies as priors a small organ (27 of 32,768 support voxels in
+    the tests' scans) is predicted nowhere, while Dice rewards finding it with some false positives.
+    Returns {label: support voxels it was imprinted from} (0: absent, its row left as is).
+
+    `patches`: (image (C, *patch), label (1, *patch), -1 = ignore) pairs; one forward each, every head
+    (deep supervision) at once, labels taken nearest-neighbour to each head's resolution."""
+    captured = {id(h): [] for h in heads}
+    hooks = [h.register_forward_hook(lambda m, i, o: captured[id(m)].append(i[0].detach().float())) for h in heads]
+    was_training = network.training
+    network.eval()
+    device = next(p.device for p in heads[0].parameters())
+    segs = []
+    try:
+        for image, seg in patches:
+            network(image[None].to(device))
+            segs.append(seg[None].float().to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+        network.train(was_training)
+    voxels = {c: 0 for c in labels}
+    for head in heads:
+        if len(captured[id(head)]) != len(segs):
+            continue  # this head did not run (deep supervision off)
+        features, targets = [], []
+        for f, seg in zip(captured[id(head)], segs):
+            seg = nn.functional.interpolate(seg, size=f.shape[2:], mode="nearest")[0, 0].long().flatten()
+            keep = (seg == 0) | torch.isin(seg, torch.tensor(list(labels), device=seg.device))
+            features.append(f[0].flatten(1)[:, keep].T.double())
+            targets.append(seg[keep])
+        features, targets = torch.cat(features), torch.cat(targets)
+        if head is heads[-1]:
+            voxels = {c: int((targets == c).sum()) for c in labels}
+        classes = [c for c in (0, *labels) if (targets == c).any()]
+        if 0 not in classes or len(classes) < 2:
+            continue
+        means = torch.stack([features[targets == c].mean(0) for c in classes])
+        centred = features - means[torch.tensor([classes.index(int(t)) for t in targets])]
+        covariance = centred.T @ centred / max(1, len(features) - len(classes))
+        covariance += 1e-3 * covariance.diagonal().mean().clamp_min(1e-12) * torch.eye(len(covariance), dtype=covariance.dtype,
+                                                                                   device=covariance.device)
+        w = torch.linalg.solve(covariance, means.T).T  # (classes, C): Sigma^-1 mu_c
+        b = -0.5 * (w * means).sum(1)  # equal priors (see the docstring)
+        for i, c in enumerate(classes[1:], start=1):
+            head.weight[c].copy_(head.weight[0] + (w[i] - w[0]).view(head.weight.shape[1:]).to(head.weight.dtype))
+            if head.bias is not None:
+                head.bias[c] = head.bias[0] + float(b[i] - b[0])
+    return voxels

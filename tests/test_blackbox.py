@@ -298,3 +298,87 @@ def test_soft_sizes_count_probability_mass_in_mm3():
     logits[0, 0] = 20.0
     logits[0, 1, :2] = 40.0  # half the voxels are class 1
     assert soft_sizes(logits, 1.5).tolist() == pytest.approx([32 * 1.5], rel=1e-4)
+
+
+# --- imprinting: a start for labels the foundation does not know -------------------------------
+
+def _organ_volume(shape=(20, 20, 20)):
+    """A bright cube (label 1) and a dark slab (label 2) on noise, as a preprocessed case."""
+    rng = np.random.RandomState(0)
+    image = rng.normal(0, 0.3, (1, *shape)).astype(np.float32)
+    seg = np.zeros((1, *shape), dtype=np.int16)
+    image[0, 6:12, 6:12, 6:12] += 2.0
+    seg[0, 6:12, 6:12, 6:12] = 1
+    image[0, 15:18] -= 2.0
+    seg[0, 15:18] = 2
+    return image, seg
+
+
+def _dice(a, b):
+    return 2 * float((a & b).sum()) / max(1, float(a.sum() + b.sum()))
+
+
+@pytest.mark.parametrize("factory", [plain3d, resenc3d, plain2d], ids=["plain3d", "resenc3d", "plain2d"])
+def test_imprinted_labels_are_found_at_step_0(factory):
+    """A random network's features already tell the organ from background; imprinting turns that into
+    rows of the new head, so a label the foundation never saw is predicted before any training."""
+    from nnunet_fseft.head_init import imprint, label_crops
+    torch.manual_seed(0)
+    net = factory()
+    heads = list(net.decoder.seg_layers)
+    image, seg = _organ_volume()
+    patch = (16, 16) if factory is plain2d else (16, 16, 16)
+    crops = label_crops(image, seg, patch)
+    assert len(crops) == 2 and all(i.shape == (1, *patch) and s.shape == (1, *patch) for i, s in crops)
+    def dice_at_step_0():
+        net.eval()
+        found = []
+        for c, (crop_image, crop_seg) in zip((1, 2), crops):
+            with torch.no_grad():
+                found.append(_dice(net(crop_image[None])[0].argmax(1)[0] == c, crop_seg[0] == c))
+        return found
+
+    before, without = [h.weight.clone() for h in heads], dice_at_step_0()
+    voxels = imprint(net, heads, crops, [1, 2])
+    assert voxels[1] == sum(int((s == 1).sum()) for _, s in crops) > 0 and voxels[2] > 0
+    assert all(not torch.equal(b, h.weight) for b, h in zip(before, heads))  # deep-supervision heads too
+    found = dice_at_step_0()
+    # an untrained network's 4 features (quality with telling features: the test below)
+    assert found[0] > 0.25 and found[0] > without[0] + 0.1, (found, without)
+
+
+class _TellingFeatures(nn.Module):
+    """A 'foundation' whose last features are the intensity and its local mean, then a new head."""
+
+    def __init__(self, classes: int):
+        super().__init__()
+        self.features = nn.Conv3d(1, 2, 3, padding=1, bias=False)
+        with torch.no_grad():
+            self.features.weight.zero_()
+            self.features.weight[0, 0, 1, 1, 1] = 1.0
+            self.features.weight[1, 0] = 1 / 27
+        self.head = nn.Conv3d(2, classes, 1)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def test_imprinting_on_telling_features_finds_every_new_label():
+    torch.manual_seed(0)
+    net = _TellingFeatures(3)
+    image, seg = _organ_volume()
+    from nnunet_fseft.head_init import imprint, label_crops
+    crops = label_crops(image, seg, (16, 16, 16))
+    imprint(net, [net.head], crops, [1, 2])
+    for c, (crop_image, crop_seg) in zip((1, 2), crops):
+        with torch.no_grad():
+            predicted = net(crop_image[None]).argmax(1)[0]
+        assert _dice(predicted == c, crop_seg[0] == c) > 0.8, c
+
+
+def test_a_crop_is_centred_on_the_labels_and_padded_where_the_volume_is_smaller():
+    from nnunet_fseft.head_init import label_crops
+    image, seg = _organ_volume((10, 30, 30))
+    [(crop_image, crop_seg)] = label_crops(image, seg, (16, 16, 16))  # the slab lies outside: one label
+    assert crop_seg.shape == (1, 16, 16, 16) and (crop_seg[:, 10:] == -1).all()  # padding is ignored
+    assert int((crop_seg == 1).sum()) == 4 * 6 * 6  # the cube's slices inside the volume (6:10), whole in-plane

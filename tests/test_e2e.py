@@ -43,6 +43,7 @@ def lora_run(workspace, target):
 def test_lora_training_loads_foundation_and_trains_only_adapters(lora_run, foundation):
     folder, log = lora_run
     assert "Loaded foundation" in log
+    assert "imprinted from the support set: 'pancreas' (" in log  # the novel organ's start
     assert f"{LORA}: training " in log and " parameters (" in log
     assert_foundation_untouched(folder / "fold_0" / "checkpoint_final.pth", foundation)
     summary = json.load(open(folder / "fold_0" / "validation" / "summary.json"))

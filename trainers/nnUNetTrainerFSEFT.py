@@ -28,7 +28,7 @@ from nnunet_fseft.anatomy import anatomy
 from nnunet_fseft.errors import InputError
 from nnunet_fseft.foundation import architecture_trainer, load_foundation, recorded_foundation, unwrap
 from nnunet_fseft.gpu_data import device_dataloaders, gpu_data_enabled
-from nnunet_fseft.head_init import head_rows, initialise_head
+from nnunet_fseft.head_init import head_rows, imprint, initialise_head, label_crops
 from nnunet_fseft.parameters import count_parameters, freeze
 from nnunet_fseft.schedule import WarmupCosine, few_shot_schedule, plateaued
 from nnunet_fseft.settings import check_settings
@@ -171,6 +171,24 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
         self.print_to_log_file(message)
         if rows:
             initialise_head(self.new_heads(network), foundation_heads, rows)
+        labels = self.dataset_json["labels"]
+        novel = [v for v in labels.values() if isinstance(v, int) and v != 0 and v not in {t for t, _ in rows}]
+        if novel:
+            voxels = imprint(network, self.new_heads(network), self.support_patches(), novel)
+            names = {v: n for n, v in labels.items() if isinstance(v, int)}
+            self.print_to_log_file("head initialisation: imprinted from the support set: " + ", ".join(
+                f"'{names[c]}' ({n:,} voxels)" if n else f"'{names[c]}' (absent from the support set: not imprinted)"
+                for c, n in voxels.items()))
+
+    def support_patches(self) -> list:
+        """Patches of the support scans, one centred on each label (what `imprint` learns the new rows from)."""
+        keys = self.do_split()[0]
+        dataset = self.dataset_class(self.preprocessed_dataset_folder, keys)
+        patches = []
+        for k in keys:
+            data, seg = dataset.load_case(k)[:2]
+            patches += label_crops(np.asarray(data[:]), np.asarray(seg[:]), self.configuration_manager.patch_size)
+        return patches
 
     def _build_loss(self):
         # Primus has one output and no `decoder` to switch deep supervision on or off
