@@ -76,6 +76,9 @@ def test_training_stops_when_the_train_loss_stops_improving(workspace, target, t
     assert (fold / "checkpoint_final.pth").is_file() and not (fold / "checkpoint_best.pth").exists()
     assert not (fold / "checkpoint_latest.pth").exists()  # nnU-Net's end of training ran
     assert "foreground_mean" in json.loads((fold / "validation" / "summary.json").read_text())
+    again = run(["nnUNetv2_train", target, "3d_fullres", "1", "-p", "FSEFTPlans", "-tr", trainer, "-device", "cpu",
+                 "--c"], env=env).stdout
+    assert "Epoch time" not in again  # continuing a training that stopped early trains nothing more
 
 
 def copy_of(lora_run, tmp_path):

@@ -254,6 +254,8 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
             self._inject_on_train_start = False
         self.plan_schedule()
         self.lr_scheduler = WarmupCosine(self.optimizer, self.initial_lr, self.schedule)
+        if self.current_epoch and self.has_plateaued():  # --c after an early stop: nothing left to train
+            self.num_epochs = self.current_epoch
         trainable, total = count_parameters(unwrap(self.network))
         self.print_to_log_file(f"{self.__class__.__name__}: training {trainable:,} of {total:,} parameters "
                                f"({100 * trainable / total:.2f}%)")
@@ -278,13 +280,16 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
 
     def on_epoch_end(self):
         super().on_epoch_end()
-        losses = self.logger.get_value("train_losses", step=None)  # every rank's mean: ranks agree
         s = self.schedule
-        if s is not None and self.current_epoch < self.num_epochs and plateaued(losses, s.window, s.patience,
-                                                                                self.plateau_delta):
+        if s is not None and self.current_epoch < self.num_epochs and self.has_plateaued():
             self.print_to_log_file(f"Early stop after epoch {self.current_epoch - 1}: the train loss's {s.window}-epoch "
                                    f"moving average gained less than {self.plateau_delta:g} in {s.patience} epochs")
             raise _Plateau()
+
+    def has_plateaued(self) -> bool:
+        s = self.schedule
+        losses = self.logger.get_value("train_losses", step=None)  # every rank's mean: ranks agree
+        return plateaued(losses, s.window, s.patience, self.plateau_delta)
 
     def run_training(self):
         try:
