@@ -110,7 +110,9 @@ def imprint(network: nn.Module, heads: Sequence[nn.Module], patches: Sequence[Tu
         if 0 not in classes or len(classes) < 2:
             continue
         means = torch.stack([features[targets == c].mean(0) for c in classes])
-        centred = features - means[torch.tensor([classes.index(int(t)) for t in targets])]
+        row_of = torch.zeros(max(classes) + 1, dtype=torch.long, device=targets.device)
+        row_of[torch.tensor(classes, device=targets.device)] = torch.arange(len(classes), device=targets.device)
+        centred = features - means[row_of[targets]]  # each voxel's features minus its class mean
         covariance = centred.T @ centred / max(1, len(features) - len(classes))
         covariance += 1e-3 * covariance.diagonal().mean().clamp_min(1e-12) * torch.eye(len(covariance), dtype=covariance.dtype,
                                                                                    device=covariance.device)

@@ -28,6 +28,7 @@ def parameter_groups(network: nn.Module) -> Dict[str, Set[str]]:
     foundation = [n for n in names if not is_adapter_parameter(n)]
     module_of = {n: n.rsplit(".", 1)[0] for n in names}
     encoder = [n for n in foundation if within(module_of[n], a.encoder)]
+    cancelled = cancelled_biases(network)
     norms = {name for name, m in network.named_modules() if _is_norm(m) and not is_adapter_parameter(name)}
     return {
         "all": set(names),
@@ -36,7 +37,7 @@ def parameter_groups(network: nn.Module) -> Dict[str, Set[str]]:
         "decoder": {n for n in foundation if within(module_of[n], a.decoder)},
         "last_stage": {n for n in foundation if within(module_of[n], a.last_stage)},
         # FSEFT's BitFit and affine-norm adapt the encoder; a conv bias that a norm cancels is left out
-        "encoder_bias": {n for n in encoder if n.endswith(".bias") and n not in cancelled_biases(network)},
+        "encoder_bias": {n for n in encoder if n.endswith(".bias") and n not in cancelled},
         "encoder_norm": {n for n in encoder if module_of[n] in norms},
     }
 

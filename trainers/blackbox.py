@@ -19,7 +19,7 @@ from nnunet_fseft.blackbox import build_black_box
 from nnunet_fseft.errors import InputError
 from nnunet_fseft.feature_cache import FeatureDataset, FeatureStore, cache_bytes, sliding_window_features
 from nnunet_fseft.foundation import build_foundation, recorded_foundation, unwrap
-from nnunet_fseft.transductive import SizePrior, pooled, query_images, size_prior, support_volumes
+from nnunet_fseft.transductive import POOL, SizePrior, pooled, query_images, size_prior, support_volumes
 from nnunet_fseft.trainers.nnUNetTrainerFSEFT import nnUNetTrainerFSEFT
 
 
@@ -104,14 +104,14 @@ class nnUNetTrainerFSEFT_BlackBox(nnUNetTrainerFSEFT):
         return os.path.join(self.output_folder, f"{name}_rank{self.local_rank}" if self.is_ddp else name)
 
     def _cache(self, keys, load, what: str, folder: str, pool: bool = False) -> FeatureStore:
-        """Computes the features of every volume (average-pooled by 2 per axis if `pool`), after
+        """Computes the features of every volume (average-pooled by POOL per axis if `pool`), after
         reporting how large they will be."""
         frozen = unwrap(self.network).foundation
         images = {k: load(k) for k in keys}
         store = FeatureStore(folder if self.feature_store == "disk" else "")
-        shapes = [tuple(-(-n // 2) if pool else n for n in np.shape(v)[1:]) for v in images.values()]
+        shapes = [tuple(-(-n // POOL) if pool else n for n in np.shape(v)[1:]) for v in images.values()]
         self.print_to_log_file(f"Caching the features of {len(keys)} {what} volumes: {frozen.channels} channels"
-                               f"{', pooled by 2 per axis' if pool else ''}, {_megabytes(cache_bytes(frozen.channels, shapes))}"
+                               f"{f', pooled by {POOL} per axis' if pool else ''}, {_megabytes(cache_bytes(frozen.channels, shapes))}"
                                f" fp16 {'in ' + folder if store.folder else 'in memory'}")
         for k, image in images.items():
             features = sliding_window_features(frozen, frozen.channels, torch.from_numpy(np.asarray(image[:])),
