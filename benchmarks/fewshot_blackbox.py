@@ -6,10 +6,11 @@ the black-box methods LinearProbe, SpatialAdapter and SpatialAdapterTI against F
 and 5, 3 repeats. Transductive inference takes the held-out scans, the ones it is scored on,
 as its unlabelled query volumes (nnUNet_fseft_query), as the FSEFT paper does.
 
-    python benchmarks/fewshot_blackbox.py --workdir /tmp/fsbench [--device cuda] [--organ spleen] [--finetune 3 100]
+    python benchmarks/fewshot_blackbox.py --workdir /tmp/fsbench [--device cuda] [--organ spleen] [--schedule 3 100]
 
 Writes the benchmark's results.csv, results.json, report.md and figures in WORKDIR/base (or
-WORKDIR/base_ORGAN) and the report in WORKDIR/report.md. About an hour on two CPU cores.
+WORKDIR/base_ORGAN) and the report in WORKDIR/report.md. Each run follows its trainer's own schedule
+unless --schedule fixes one.
 """
 from fseft_synthetic import main, parser
 

@@ -12,15 +12,16 @@ Resumable: run it again and finished runs are skipped. Writes WORKDIR/{base,nove
 combined report (--report, figures copied beside it).
 
     python benchmarks/fseft_synthetic.py --workdir /tmp/fseft_bench --device cuda
-    python benchmarks/fseft_synthetic.py --workdir /tmp/fb --k 1 5 --repeats 1 --methods LoRA FullFT \\
-        --schedule 10 10 --report benchmarks/results/fseft_synthetic_cpu.md
+    python benchmarks/fseft_synthetic.py --workdir /tmp/fb --k 1 --repeats 3 --methods LoRA FullFT \\
+        --report benchmarks/results/fseft_synthetic_cpu.md
+    (--schedule EPOCHS ITERS fixes every run's length instead of the trainers' own schedule)
 """
 import argparse
 import os
 import platform
 import shutil
 
-from nnunet_fseft.demo import BASE_ORGANS, NOVEL_ORGAN, SCHEDULES, SHAPE, Demo
+from nnunet_fseft.demo import BASE_ORGANS, NOVEL_ORGAN, SHAPE, Demo
 
 TASKS = ("base", "novel")
 
@@ -48,7 +49,11 @@ def parser(description=__doc__, tasks=TASKS, methods=None, ks=(1, 5, 10)) -> arg
     ap.add_argument("--test", type=int, default=8, help="held-out scans per task")
     ap.add_argument("--methods", nargs="+", default=methods or [m[len("nnUNetTrainerFSEFT_"):] for m in METHODS])
     ap.add_argument("--schedule", "--finetune", dest="schedule", type=int, nargs=2,
-                    help="epochs and iterations per epoch of every fine-tuning (default: the demo's for the device)")
+                    help="epochs and iterations per epoch of every fine-tuning (default: each trainer's own "
+                         "schedule, which follows K and stops on a training-loss plateau)")
+    ap.add_argument("--pool", type=int, default=10,
+                    help="scans per task outside the held-out ones that the K support scans are drawn from "
+                         "(at least the largest K): with a pool of K every repeat draws the same support")
     ap.add_argument("--report", help="combined report to write (default WORKDIR/report.md)")
     return ap
 
@@ -60,21 +65,27 @@ def main(args=None):
     args = args or parser().parse_args()
     d = Demo(args.workdir, args.device)
     model = args.foundation or d.train_foundation(610, "BenchFoundation")[0]
-    epochs, iters = args.schedule or SCHEDULES[args.device]["finetune"]
-    os.environ.update({"nnUNet_fseft_epochs": str(epochs), "nnUNet_fseft_iters_per_epoch": str(iters)})
+    if args.schedule:
+        os.environ.update({"nnUNet_fseft_epochs": str(args.schedule[0]),
+                           "nnUNet_fseft_iters_per_epoch": str(args.schedule[1])})
+        length = f"Fine-tuning schedule {args.schedule[0]} epochs x {args.schedule[1]} iterations"
+    else:
+        for var in ("nnUNet_fseft_epochs", "nnUNet_fseft_iters_per_epoch"):
+            os.environ.pop(var, None)
+        length = "Each trainer's own fine-tuning schedule (length from K, early stop on a training-loss plateau)"
     report = args.report or os.path.join(d.workdir, "report.md")
     figures = os.path.splitext(report)[0]
     os.makedirs(figures, exist_ok=True)
     m = machine()
     parts = [f"# FSEFT benchmark on synthetic data ({args.device})", "",
              f"Machine: {m['cpu']} ({platform.platform()}), {m['cores']} cores, GPU: {m['gpu']}. "
-             f"Fine-tuning schedule {epochs} epochs x {iters} iterations; K = {args.k}, {args.repeats} repeat(s), "
+             f"{length}; K = {args.k}, {args.repeats} repeat(s), "
              f"{args.test} held-out scans per task; foundation `{os.path.basename(model)}`.", ""]
     for task in args.tasks:
         dataset, name, organ, folder = task_dataset(task, args.organ)
         raw = os.path.join(os.environ["nnUNet_raw"], f"Dataset{dataset}_{name}")
         if not os.path.isdir(raw):
-            synth_dataset(dataset, max(args.k) + args.test, [organ], seed=dataset, name=name, scanner="B",
+            synth_dataset(dataset, max(args.pool, *args.k) + args.test, [organ], seed=dataset, name=name, scanner="B",
                           shape=(SHAPE,) * 3)
         d.say(f"{task} organ task ({organ}): nnunet-fseft benchmark")
         out = os.path.join(d.workdir, folder)
