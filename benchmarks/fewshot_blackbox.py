@@ -14,7 +14,7 @@ unless --schedule fixes one.
 """
 from fseft_synthetic import main, parser
 
-METHODS = ["LinearProbe", "SpatialAdapter", "SpatialAdapterTI", "FullFT"]
+METHODS = ["Start", "LinearProbe", "SpatialAdapter", "SpatialAdapterTI", "FullFT"]
 
 if __name__ == "__main__":
     main(parser(__doc__, tasks=["base"], methods=METHODS, ks=(1, 5)).parse_args())

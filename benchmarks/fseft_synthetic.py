@@ -47,7 +47,8 @@ def parser(description=__doc__, tasks=TASKS, methods=None, ks=(1, 5, 10)) -> arg
     ap.add_argument("-k", "--k", dest="k", type=int, nargs="+", default=list(ks))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--test", type=int, default=8, help="held-out scans per task")
-    ap.add_argument("--methods", nargs="+", default=methods or [m[len("nnUNetTrainerFSEFT_"):] for m in METHODS])
+    ap.add_argument("--methods", nargs="+", default=methods or ["Start"] + [m[len("nnUNetTrainerFSEFT_"):] for m in METHODS],
+                    help="methods to run; Start is the untrained network every method starts from (step 0)")
     ap.add_argument("--schedule", "--finetune", dest="schedule", type=int, nargs=2,
                     help="epochs and iterations per epoch of every fine-tuning (default: each trainer's own "
                          "schedule, which follows K and stops on a training-loss plateau)")

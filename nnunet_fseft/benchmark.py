@@ -34,6 +34,8 @@ FIGURES = ("dice_vs_k.png", "dice_vs_parameters.png", "cost.png")
 # Everything a benchmark writes in its output folder
 OUTPUTS = ("runs.jsonl", "log.txt", "zero_shot.json", "results.csv", "results.json", "report.md", *FIGURES,
            "held_out", "predictions")
+# The Start row's name in reports: the untrained network every method starts from
+STEP0 = "Start (step 0 of every method)"
 # The schedule overrides every run gets (unset: each trainer's own schedule)
 SCHEDULE = {"epochs": "nnUNet_fseft_epochs", "iterations_per_epoch": "nnUNet_fseft_iters_per_epoch"}
 
@@ -197,6 +199,13 @@ def run_env(trainer_cls, device: str, held_out: str) -> dict:
     return env
 
 
+def trainer_classes() -> dict:
+    """What a benchmark can run, by trainer name: every method, and `Start`, the network they all
+    start from (no training: each method's step-0 row)."""
+    from nnunet_fseft.trainers import METHODS, nnUNetTrainerFSEFT_Start
+    return {**METHODS, "nnUNetTrainerFSEFT_Start": nnUNetTrainerFSEFT_Start}
+
+
 def benchmark(foundation: str, dataset: str, ks: List[int], repeats: int, methods: List[str], test: int,
               out: str, fold: str = "all", device: str = "cpu") -> dict:
     """Trains, predicts and scores every run not done yet; writes results.csv, results.json, report.md
@@ -207,14 +216,14 @@ def benchmark(foundation: str, dataset: str, ks: List[int], repeats: int, method
     from nnunet_fseft.dataset_json import read_dataset_json
     from nnunet_fseft.foundation import sha256
     from nnunet_fseft.safety import dataset_name, require_env
-    from nnunet_fseft.trainers import METHODS
 
+    choices = trainer_classes()
     trainers = {}
     for m in methods:
         trainer = f"nnUNetTrainerFSEFT_{m}"
-        if trainer not in METHODS:
+        if trainer not in choices:
             raise InputError(f"Unknown method '{m}'; choose from: "
-                             f"{', '.join(t[len('nnUNetTrainerFSEFT_'):] for t in METHODS)}.")
+                             f"{', '.join(t[len('nnUNetTrainerFSEFT_'):] for t in choices)}.")
         trainers[m] = trainer
     if device == "cuda":
         import torch
@@ -256,7 +265,6 @@ def _run_all(folder: OutputFolder, foundation: str, fold: str, name: str, raw: s
     from nnunet_fseft.foundation import PLANS_KEY
     from nnunet_fseft.plans_io import load_plans
     from nnunet_fseft.safety import save_json_kept
-    from nnunet_fseft.trainers import METHODS
 
     preprocessed, results_root = os.environ["nnUNet_preprocessed"], os.environ["nnUNet_results"]
     plans_file = os.path.join(preprocessed, name, PLANS + ".json")
@@ -271,15 +279,16 @@ def _run_all(folder: OutputFolder, foundation: str, fold: str, name: str, raw: s
 
     plans, dataset_json = load_plans(name, PLANS)
     configuration = plans[PLANS_KEY]["configuration"]
+    classes = trainer_classes()
     costs = {r["method"]: r for r in method_costs(plans, dataset_json, configuration,
-                                                 [METHODS[t] for t in trainers.values()])}
+                                                 [classes[t] for t in trainers.values()])}
     held_out = link_held_out(images, splits[0]["val"], os.path.join(folder.path, "held_out"))
     labels = {v: n for n, v in dataset_json["labels"].items() if isinstance(v, int) and v > 0}
 
     def one_run(m: str, k: int, r: int, f: int) -> dict:
         """Trains, predicts and scores one run; a failed command raises CommandFailed."""
         trainer = trainers[m]
-        env = run_env(METHODS[trainer], device, held_out)
+        env = run_env(classes[trainer], device, held_out)
         fold_dir = os.path.join(results_root, name, f"{trainer}__{PLANS}__{configuration}", f"fold_{f}")
         if os.path.isdir(fold_dir):  # not a finished run of ours: keep it rather than overwrite it
             os.rename(fold_dir, backup_name(fold_dir))
@@ -453,7 +462,7 @@ def write_reports(folder: OutputFolder, runs: list, zero: Optional[dict], ks: li
         cost = (f"{first['trainable']:,} | {first['adapter_bytes']:,} B | {first['wall_s']:.0f} | "
                 f"{first['peak_gpu_mib'] if first['peak_gpu_mib'] is not None else '-'} | {first['peak_host_mib']:.0f}"
                 if first else "- | - | - | - | -")
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {cost} |")
+        lines.append(f"| {STEP0 if m == 'Start' else m} | " + " | ".join(cells) + f" | {cost} |")
     if failed:
         lines += ["", "Failed runs (run the benchmark again to retry them; their output is in log.txt):", ""]
         lines += [f"- {r['method']} K={r['K']} repeat {r['repeat']} (fold {r['fold']}): {r['failed']}" for r in failed]

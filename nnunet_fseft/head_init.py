@@ -22,7 +22,9 @@ def head_rows(target_labels: dict, foundation_labels: dict) -> Tuple[List[Tuple[
         if any(not isinstance(v, int) for v in labels.values()):
             return [], f"head initialisation skipped: the {whose} uses regions, whose channels are not labels"
     matches = match_labels(target_labels, foundation_labels)
-    rows = [(0, 0)] + [(t, f) for _, t, _, f in matches] if matches else []
+    # background always: with no label matched it is still the foundation's background (and an
+    # imprinted row is relative to it)
+    rows = [(0, 0)] + [(t, f) for _, t, _, f in matches]
     return rows, "head initialisation: " + describe_matches(target_labels, matches)
 
 

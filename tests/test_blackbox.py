@@ -220,7 +220,7 @@ def test_head_rows_copy_matched_rows_and_leave_new_ones():
     rows, message = head_rows({"background": 0, "lien": 1, "pancreas": 2}, {"background": 0, "liver": 1, "spleen": 2})
     assert rows == [(0, 0), (1, 2)]  # (target channel, foundation channel)
     assert "'lien' (1) <- foundation 'spleen' (2)" in message and "new: 'pancreas'" in message
-    assert head_rows({"background": 0, "x": 1}, {"background": 0, "liver": 1})[0] == []
+    assert head_rows({"background": 0, "x": 1}, {"background": 0, "liver": 1})[0] == [(0, 0)]  # background only
     assert head_rows({"background": 0, "liver": (1,)}, {"background": 0, "liver": 1})[0] == []  # regions
     torch.manual_seed(0)
     new, old = nn.Conv3d(4, 3, 1), nn.Conv3d(4, 3, 1)

@@ -81,6 +81,23 @@ def test_training_stops_when_the_train_loss_stops_improving(workspace, target, t
     assert "Epoch time" not in again  # continuing a training that stopped early trains nothing more
 
 
+def test_start_trainer_saves_the_untrained_start_and_validates_it(workspace, target, foundation):
+    """nnUNetTrainerFSEFT_Start: every method's step 0 (a benchmark's Start row), with no optimiser step."""
+    trainer = "nnUNetTrainerFSEFT_Start"
+    log = run(["nnUNetv2_train", target, "3d_fullres", "0", "-p", "FSEFTPlans", "-tr", trainer, "-device", "cpu"],
+              env=TRAIN_ENV).stdout
+    assert "no training; the final checkpoint is the start" in log and "Epoch time" not in log
+    assert "imprinted from the support set: 'pancreas' (" in log
+    fold = results_folder(workspace, trainer) / "fold_0"
+    start = read_checkpoint(str(fold / "checkpoint_final.pth"))["network_weights"]
+    original = read_checkpoint(str(foundation / "fold_all" / "checkpoint_final.pth"))["network_weights"]
+    body = [k for k in start if ".seg_layers." not in k]
+    assert body and all(torch.equal(start[k], original[k]) for k in body)
+    for k in (k for k in start if ".seg_layers." in k):  # background from the foundation, pancreas imprinted
+        assert torch.equal(start[k][0], original[k][0]) and not torch.equal(start[k][1], start[k][0]), k
+    assert "foreground_mean" in json.loads((fold / "validation" / "summary.json").read_text())
+
+
 def copy_of(lora_run, tmp_path):
     """The LoRA run copied into an nnUNet_results of its own, so that a test may change it and
     the shared run stays as trained; returns (model folder, environment pointing nnU-Net at it)."""

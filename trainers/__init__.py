@@ -8,11 +8,12 @@ from nnunet_fseft.trainers.foundation import nnUNetTrainerFSEFT_Foundation, nnUN
 from nnunet_fseft.trainers.nnUNetTrainerFSEFT import nnUNetTrainerFSEFT
 from nnunet_fseft.trainers.peft import *  # noqa: F401,F403 -- every method class, listed in METHODS below
 from nnunet_fseft.trainers.pretrain import nnUNetTrainerFSEFT_Pretrain
+from nnunet_fseft.trainers.start import nnUNetTrainerFSEFT_Start
 
 # Every fine-tuning method, by trainer name: the classes trainers/peft.py defines, in the order it
 # defines them (`nnunet-fseft params` lists them in this order).
 METHODS = {name: cls for name, cls in vars(peft).items()
            if isinstance(cls, type) and issubclass(cls, nnUNetTrainerFSEFT) and cls.__module__ == peft.__name__}
 
-__all__ = ["nnUNetTrainerFSEFT", "nnUNetTrainerFSEFT_Pretrain", "nnUNetTrainerFSEFT_Foundation",
+__all__ = ["nnUNetTrainerFSEFT", "nnUNetTrainerFSEFT_Pretrain", "nnUNetTrainerFSEFT_Start", "nnUNetTrainerFSEFT_Foundation",
            "nnUNetTrainerFSEFT_FoundationShort", *METHODS]
