@@ -19,6 +19,7 @@ import torch
 
 from nnunet_fseft.dataset_json import channels, read_dataset_json, read_json
 from nnunet_fseft.errors import InputError
+from nnunet_fseft.fold import fold_groups
 from nnunet_fseft.foundation import PLANS_KEY, read_checkpoint, sha256
 from nnunet_fseft.plans_io import check_plans_name
 from nnunet_fseft.safety import backup_name, dataset_name, require_env, save_json_kept
@@ -106,6 +107,8 @@ def adopt(foundation: str, target: str, fold: str = "all", checkpoint: str = "ch
         "configuration": configuration,
         "dataset_name": source_dataset,
         "labels": foundation_json["labels"],
+        # the folded head's rows per target channel (nnunet_fseft/fold.py); None for regions
+        "head_rows": fold_groups(target_json["labels"], foundation_json["labels"]),
     }
     _preprocess_then_swap(name, plans, plans_file, configuration, num_processes)
     return plans_file, configuration

@@ -1,6 +1,7 @@
 """Head initialisation: a target label the foundation already knows starts from the foundation's
 classifier row for it (FSEFT), so training starts from the foundation's prediction of that organ
-instead of from nothing; the background row starts from the foundation's too. A label it does not
+instead of from nothing; the background row starts from the foundation's too (and a folded head,
+nnunet_fseft/fold.py, keeps every foundation row, so that step 0 is the zero-shot prediction). A label it does not
 know starts from the support set itself (weight imprinting, `imprint`), so that a novel organ is
 found at step 0 and training refines it rather than discovers it."""
 from typing import List, Optional, Sequence, Tuple
@@ -69,7 +70,7 @@ def _crop(image: np.ndarray, seg: np.ndarray, patch: Sequence[int], centre: np.n
 
 @torch.no_grad()
 def imprint(network: nn.Module, heads: Sequence[nn.Module], patches: Sequence[Tuple[torch.Tensor, torch.Tensor]],
-            labels: Sequence[int]) -> dict:
+            labels: Sequence[int], rows: Optional[dict] = None) -> dict:
     """Weight imprinting for labels the foundation does not know, from the head's input features on
     the support voxels: a linear discriminant (class means, one covariance shared by the classes)
     between background and these labels. Label c's row becomes the background row plus the
@@ -80,7 +81,9 @@ def imprint(network: nn.Module, heads: Sequence[nn.Module], patches: Sequence[Tu
     Returns {label: support voxels it was imprinted from} (0: absent, its row left as is).
 
     `patches`: (image (C, *patch), label (1, *patch), -1 = ignore) pairs; one forward each, every head
-    (deep supervision) at once, labels taken nearest-neighbour to each head's resolution."""
+    (deep supervision) at once, labels taken nearest-neighbour to each head's resolution. `rows`:
+    label -> its head row (default the label itself; a folded head has other rows, nnunet_fseft/fold.py)."""
+    rows = rows or {}
     captured = {id(h): [] for h in heads}
     hooks = [h.register_forward_hook(lambda m, i, o: captured[id(m)].append(i[0].detach().float())) for h in heads]
     was_training = network.training
@@ -121,7 +124,8 @@ def imprint(network: nn.Module, heads: Sequence[nn.Module], patches: Sequence[Tu
         w = torch.linalg.solve(covariance, means.T).T  # (classes, C): Sigma^-1 mu_c
         b = -0.5 * (w * means).sum(1)  # equal priors (see the docstring)
         for i, c in enumerate(classes[1:], start=1):
-            head.weight[c].copy_(head.weight[0] + (w[i] - w[0]).view(head.weight.shape[1:]).to(head.weight.dtype))
+            r = rows.get(c, c)
+            head.weight[r].copy_(head.weight[0] + (w[i] - w[0]).view(head.weight.shape[1:]).to(head.weight.dtype))
             if head.bias is not None:
-                head.bias[c] = head.bias[0] + float(b[i] - b[0])
+                head.bias[r] = head.bias[0] + float(b[i] - b[0])
     return voxels

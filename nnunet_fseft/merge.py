@@ -5,6 +5,7 @@ from typing import List
 
 from nnunet_fseft.blackbox import is_black_box
 from nnunet_fseft.errors import InputError
+from nnunet_fseft.fold import folded_classes, unfold_all
 from nnunet_fseft.foundation import PLANS_KEY, architecture_trainer, recorded_foundation
 from nnunet_fseft.model_folder import (build_network, load_json, load_model, refuse_foundation_folder,
                                        require_fseft_trainer, write_model)
@@ -34,6 +35,14 @@ def merge_model(folder: str, out_folder: str) -> List[str]:
         if is_black_box(network):
             raise InputError(f"{trainer_class.__name__} is a black-box adapter on the foundation's features, not a "
                              f"change of its weights; share it with `nnunet-fseft export` instead.")
+        folded = folded_classes(network)
+        if folded:
+            names = {v: n for n, v in record.get("labels", {}).items()}
+            raise InputError(f"{trainer_class.__name__}'s head folds the foundation's "
+                             f"{', '.join(repr(names.get(r, r)) for r in folded)} into background (log-sum-exp), "
+                             f"which a plain nnU-Net head cannot hold; share it with `nnunet-fseft export`, or train "
+                             f"a subclass with fold_unmatched = False to merge it.")
+        unfold_all(network)  # a head of single rows is a plain conv with its rows reordered
         merge_tuner(network, trainer_class.tuner)
         plain_trainer = architecture_trainer(plans)
         configuration = ckpt["init_args"]["configuration"]

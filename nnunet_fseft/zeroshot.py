@@ -3,8 +3,10 @@ already knows by name: the K = 0 row of every results table.
 
 The held-out cases are the validation cases of the K-shot splits (`nnunet-fseft kshot`; every
 fold shares them). Prediction is nnU-Net's own (`nnUNetPredictor`, sliding window and test-time
-mirroring of the foundation), its labels are renamed to the target's (classes the target does not
-have become background), and nnU-Net's evaluator scores the matched labels only.
+mirroring of the foundation) with its classes folded into the target's (nnunet_fseft/fold.py:
+the probabilities of the classes the target does not have are added to background's, so this is
+exactly what an adapted network predicts at step 0), and nnU-Net's evaluator scores the matched
+labels only.
 """
 import os
 
@@ -12,6 +14,7 @@ import numpy as np
 
 from nnunet_fseft.dataset_json import read_json
 from nnunet_fseft.errors import InputError
+from nnunet_fseft.fold import FoldedOutput, fold_groups
 from nnunet_fseft.foundation import build_foundation, recorded_foundation
 from nnunet_fseft.labels import match_labels
 from nnunet_fseft.safety import dataset_name, keep_existing, require_env
@@ -71,20 +74,24 @@ def zeroshot(dataset: str, plans_name: str = "FSEFTPlans", fold: int = 0, out: s
     pm = PlansManager(plans)
     cm = pm.get_configuration(configuration)
     network, checkpoint = build_foundation(pm, cm, determine_num_input_channels(pm, cm, dataset_json), record)
-    foundation_json = {**dataset_json, "labels": record["labels"]}
+    # The foundation's classes folded into the matched labels (nnunet_fseft/fold.py): background and
+    # every unmatched class into channel 0, matched label i into channel i, as the adapted network's
+    # head folds them at step 0
+    groups = fold_groups(dataset_json["labels"], record["labels"])
+    channels = [0] + [t for _, t, _, _ in matches]
+    network = FoldedOutput(network, [groups[t] for t in channels])
+    folded_json = {**dataset_json, "labels": {"background": 0, **{n: i + 1 for i, (n, _, _, _) in enumerate(matches)}}}
     predictor = nnUNetPredictor(use_mirroring=mirroring, perform_everything_on_device=device != "cpu",
                                 device=torch.device(device), allow_tqdm=False)
-    predictor.manual_initialization(network, pm, cm, [checkpoint["network_weights"]], foundation_json, record["trainer"],
+    predictor.manual_initialization(network, pm, cm, [checkpoint["network_weights"]], folded_json, record["trainer"],
                                     checkpoint.get("inference_allowed_mirroring_axes"))
-    raw_out, final = os.path.join(out, "foundation_labels"), os.path.join(out, "predictions")
+    raw_out, final = os.path.join(out, "folded_labels"), os.path.join(out, "predictions")
     os.makedirs(raw_out)
     os.makedirs(final)
     predictor.predict_from_files_sequential([cases[c]["images"] for c in held_out],
                                             [os.path.join(raw_out, c) for c in held_out], False, True, None)
 
-    lookup = np.zeros(max(int(v) for v in record["labels"].values()) + 1, dtype=np.uint8)
-    for _, t, _, f in matches:
-        lookup[f] = t
+    lookup = np.array(channels, dtype=np.uint8)  # folded channel -> target label
     ending = dataset_json["file_ending"]
     io = pm.image_reader_writer_class()
     for c in held_out:

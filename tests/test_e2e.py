@@ -93,9 +93,39 @@ def test_start_trainer_saves_the_untrained_start_and_validates_it(workspace, tar
     original = read_checkpoint(str(foundation / "fold_all" / "checkpoint_final.pth"))["network_weights"]
     body = [k for k in start if ".seg_layers." not in k]
     assert body and all(torch.equal(start[k], original[k]) for k in body)
-    for k in (k for k in start if ".seg_layers." in k):  # background from the foundation, pancreas imprinted
-        assert torch.equal(start[k][0], original[k][0]) and not torch.equal(start[k][1], start[k][0]), k
+    for k in (k for k in start if ".seg_layers." in k):  # every foundation row (folded head), then pancreas
+        rows = len(original[k])
+        assert len(start[k]) == rows + 1 and torch.equal(start[k][:rows], original[k]), k
+        assert k.endswith("bias") or not torch.equal(start[k][rows], start[k][0]), k  # imprinted
     assert "foreground_mean" in json.loads((fold / "validation" / "summary.json").read_text())
+
+
+def test_step_0_predicts_exactly_what_zeroshot_predicts(workspace, foundation, tmp_path):
+    """A target with two of the foundation's four organs: the other two are folded into background
+    (nnunet_fseft/fold.py), so the untrained start segments the held-out scans as zeroshot does."""
+    run(["nnunet-fseft", "synth", "-d", "506", "--cases", "4", "--test", "0", "--seed", "21", "--shape", "32", "32", "32",
+         "--name", "SynthSubset", "--organs", "spleen", "kidney_left", "--scanner", "B"])
+    run(["nnunet-fseft", "adopt", "--foundation", foundation, "-d", "506"])
+    run(["nnunet-fseft", "kshot", "-d", "506", "-k", "1", "--repeats", "1", "--test", "2"])
+    trainer = "nnUNetTrainerFSEFT_Start"
+    log = run(["nnUNetv2_train", "506", "3d_fullres", "0", "-p", "FSEFTPlans", "-tr", trainer, "-device", "cpu"],
+              env=TRAIN_ENV).stdout
+    assert "the foundation's 'liver', 'kidney_right' folded into background" in log
+    name = "Dataset506_SynthSubset"
+    held_out = json.loads((workspace / "nnUNet_preprocessed" / name / "splits_final.json").read_text())[0]["val"]
+    images = tmp_path / "held_out"
+    images.mkdir()
+    for case in held_out:
+        os.symlink(workspace / "nnUNet_raw" / name / "imagesTr" / f"{case}_0000.nii.gz", images / f"{case}_0000.nii.gz")
+    run(["nnUNetv2_predict", "-i", images, "-o", tmp_path / "start", "-d", "506", "-c", "3d_fullres", "-f", "0",
+         "-p", "FSEFTPlans", "-tr", trainer, *PREDICT_ON_CPU])
+    zero = tmp_path / "zeroshot"
+    out = run(["nnunet-fseft", "zeroshot", "-d", "506", "--disable_tta", "-o", zero]).stdout
+    start, zero_shot = segmentations(tmp_path / "start"), segmentations(zero / "predictions")
+    assert all(set(np.unique(z)) > {0} for z in zero_shot)  # the organs are found, not only background
+    for a, b in zip(start, zero_shot):
+        assert np.array_equal(a, b)
+    assert "spleen" in out
 
 
 def copy_of(lora_run, tmp_path):

@@ -26,9 +26,9 @@ def train(target, trainer, fold="0"):
                env=TRAIN_ENV)
 
 
-def predict_folder(workspace, model_folder, out, fold="0"):
+def predict_folder(workspace, model_folder, out, fold="0", env=None):
     run(["nnUNetv2_predict_from_modelfolder", "-i", images(workspace), "-o", out, "-m", model_folder,
-         "-f", fold, *PREDICT_ON_CPU])
+         "-f", fold, *PREDICT_ON_CPU], env=env)
     return segmentations(out)
 
 
@@ -105,10 +105,28 @@ def test_export_import_round_trip_predicts_the_same(combo, foundation, workspace
     assert p.returncode == 2 and "sha256" in p.stdout and "Traceback" not in p.stdout
 
 
-def test_merged_model_runs_on_nnunet_alone_with_the_same_segmentation(combo, workspace, tmp_path):
-    folder, want = combo
+PLAIN_HEAD = """
+from nnunet_fseft.trainers import nnUNetTrainerFSEFT_LoRA_DecoderFT
+
+
+class nnUNetTrainerFSEFT_LoRA_DecoderFT_PlainHead(nnUNetTrainerFSEFT_LoRA_DecoderFT):
+    fold_unmatched = False
+"""
+
+
+def test_merged_model_runs_on_nnunet_alone_with_the_same_segmentation(combo, workspace, target, tmp_path):
+    folder, _ = combo  # its head folds the foundation's four organs into background: no plain equivalent
+    p = run(["nnunet-fseft", "merge", folder, "-o", tmp_path / "refused"], check=False)
+    assert p.returncode == 2 and "folds the foundation's 'liver', 'spleen'" in p.stdout and "Traceback" not in p.stdout
+    assert not (tmp_path / "refused").exists()
+    (tmp_path / "plain_head.py").write_text(PLAIN_HEAD)  # the way out the refusal names
+    trainer = "nnUNetTrainerFSEFT_LoRA_DecoderFT_PlainHead"
+    env = {**TRAIN_ENV, "nnUNet_extTrainer": os.pathsep.join([str(tmp_path), os.environ.get("nnUNet_extTrainer", "")])}
+    run(["nnUNetv2_train", target, "3d_fullres", "0", "-p", "FSEFTPlans", "-tr", trainer, "-device", "cpu"], env=env)
+    folder = results(workspace, trainer)
+    want = predict_folder(workspace, folder, tmp_path / "want", env=env)
     merged = tmp_path / "nnUNetTrainer__FSEFTPlans__3d_fullres"
-    run(["nnunet-fseft", "merge", folder, "-o", merged])
+    run(["nnunet-fseft", "merge", folder, "-o", merged], env=env)
     ckpt = read_checkpoint(str(merged / "fold_0" / "checkpoint_final.pth"))
     assert ckpt["trainer_name"] == "nnUNetTrainer"
     assert not any(is_adapter_parameter(k) for k in ckpt["network_weights"])

@@ -18,6 +18,7 @@ import torch
 from nnunet_fseft.blackbox import build_black_box
 from nnunet_fseft.errors import InputError
 from nnunet_fseft.feature_cache import FeatureDataset, FeatureStore, cache_bytes, sliding_window_features
+from nnunet_fseft.fold import fold, width
 from nnunet_fseft.foundation import build_foundation, recorded_foundation, unwrap
 from nnunet_fseft.transductive import POOL, SizePrior, pooled, query_images, size_prior, support_volumes
 from nnunet_fseft.trainers.nnUNetTrainerFSEFT import nnUNetTrainerFSEFT
@@ -62,7 +63,12 @@ class nnUNetTrainerFSEFT_BlackBox(nnUNetTrainerFSEFT):
                              f"plans record none; adopt the foundation for this dataset and train with its plans "
                              f"(-p FSEFTPlans).")
         network, _ = build_foundation(plans_manager, configuration_manager, num_input_channels, record)
-        return build_black_box(network, cls.adapter, num_output_channels, record["sha256"])
+        groups = cls.folded_head_rows(plans_manager.plans, num_output_channels)
+        black_box = build_black_box(network, cls.adapter, width(groups) if groups else num_output_channels,
+                                    record["sha256"])
+        if groups:
+            black_box.adapter.head = fold(black_box.adapter.head, groups)
+        return black_box
 
     def initialize(self):
         if self.pretrained_weights_follow():

@@ -26,6 +26,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_fseft.anatomy import anatomy
 from nnunet_fseft.errors import InputError
+from nnunet_fseft.fold import fold_seg_layers, is_folded, width
 from nnunet_fseft.foundation import architecture_trainer, load_foundation, recorded_foundation, unwrap
 from nnunet_fseft.gpu_data import device_dataloaders, gpu_data_enabled
 from nnunet_fseft.head_init import head_rows, imprint, initialise_head, label_crops
@@ -85,6 +86,9 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
     weight_decay_fseft = 0.0  # FSEFT's: none
     # Zero-shot start: target labels the foundation knows (by name) start from its head rows.
     head_init = True
+    # The foundation's classes the target lacks are folded into background (nnunet_fseft/fold.py), so
+    # that step 0 predicts exactly the zero-shot segmentation; False: a plain head (mergeable).
+    fold_unmatched = True
     # Support set, patch sampling and augmentation on the training device (nnunet_fseft/gpu_data.py);
     # nnUNet_fseft_gpu_data=1 / 0 overrides.
     gpu_data = False
@@ -122,10 +126,29 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
                                    num_output_channels, enable_deep_supervision: bool = True):
         # A classmethod, so that nnUNetPredictor (which calls it on the class) rebuilds
         # exactly the adapted network that was trained.
-        network = architecture_trainer(plans_manager.plans).build_network_architecture(
-            plans_manager, configuration_manager, num_input_channels, num_output_channels,
-            enable_deep_supervision)
+        plain = architecture_trainer(plans_manager.plans)
+        groups = cls.folded_head_rows(plans_manager.plans, num_output_channels)
+        network = plain.build_network_architecture(
+            plans_manager, configuration_manager, num_input_channels,
+            width(groups) if groups else num_output_channels, enable_deep_supervision)
+        if groups and anatomy(network).transformer:  # Primus: its decoder is the head, new for every target
+            network = plain.build_network_architecture(
+                plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                enable_deep_supervision)
+        elif groups:
+            fold_seg_layers(network, groups)
         return cls.adapt(network)
+
+    @classmethod
+    def folded_head_rows(cls, plans: dict, num_output_channels: int):
+        """The folded head's rows per target channel that adopt recorded (None: a plain head)."""
+        record = recorded_foundation(plans)
+        groups = record.get("head_rows") if record is not None and cls.fold_unmatched else None
+        if groups is not None and len(groups) != num_output_channels:
+            raise InputError(f"The plans fold the foundation's head into {len(groups)} channels, but the dataset has "
+                             f"{num_output_channels}: its labels changed after `nnunet-fseft adopt`; adopt the "
+                             f"foundation again.")
+        return groups
 
     @staticmethod
     def pretrained_weights_follow() -> bool:
@@ -167,14 +190,26 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
         if not foundation_heads:
             self.print_to_log_file("head initialisation: not available for this architecture (new head)")
             return
-        rows, message = head_rows(self.dataset_json["labels"], self.foundation.get("labels", {}))
-        self.print_to_log_file(message)
-        if rows:
-            initialise_head(self.new_heads(network), foundation_heads, rows)
         labels = self.dataset_json["labels"]
-        novel = [v for v in labels.values() if isinstance(v, int) and v != 0 and v not in {t for t, _ in rows}]
+        rows, message = head_rows(labels, self.foundation.get("labels", {}))
+        self.print_to_log_file(message)
+        heads = self.new_heads(network)
+        known = {t for t, _ in rows}
+        novel = [v for n, v in labels.items() if isinstance(v, int) and v != 0 and n != "ignore" and v not in known]
+        new_rows = {c: c for c in novel}
+        if rows and is_folded(heads[0]):  # the whole foundation head, then the labels it does not know
+            groups = heads[0].label_rows
+            rows = [(f, f) for f in range(len(foundation_heads[0][0]))]
+            new_rows = {c: groups[c][0] for c in novel}
+            folded = [f for f in groups[0] if f != 0]
+            names = {v: n for n, v in self.foundation["labels"].items()}
+            self.print_to_log_file("head initialisation: the foundation's " + (
+                ", ".join(f"'{names[f]}'" for f in folded) + " folded into background" if folded else
+                "classes are all target labels") + " (log-sum-exp: step 0 is the zero-shot prediction)")
+        if rows:
+            initialise_head(heads, foundation_heads, rows)
         if novel:
-            voxels = imprint(network, self.new_heads(network), self.support_patches(), novel)
+            voxels = imprint(network, heads, self.support_patches(), novel, new_rows)
             names = {v: n for n, v in labels.items() if isinstance(v, int)}
             self.print_to_log_file("head initialisation: imprinted from the support set: " + ", ".join(
                 f"'{names[c]}' ({n:,} voxels)" if n else f"'{names[c]}' (absent from the support set: not imprinted)"

@@ -4,10 +4,10 @@ from nnunet_fseft.trainers.nnUNetTrainerFSEFT import nnUNetTrainerFSEFT
 
 class nnUNetTrainerFSEFT_Start(nnUNetTrainerFSEFT):
     """No optimiser step: the adopted foundation with its new head as head initialisation sets it
-    (the foundation's rows for labels it knows, imprinting from the support set for the others),
-    saved as checkpoint_final.pth and validated like any method. Every method starts from this
-    network (its adapters start as the identity; tests/test_methods.py), so its Dice is each
-    method's Dice at step 0."""
+    (the foundation's classes folded into the target's labels, so that it predicts what zeroshot
+    predicts; imprinting from the support set for labels the foundation does not know), saved as
+    checkpoint_final.pth and validated like any method. Every method starts from this network (its
+    adapters start as the identity; tests/test_methods.py), so its Dice is each method's at step 0."""
     trainable = ("head",)
 
     def run_training(self):
