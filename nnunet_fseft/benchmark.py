@@ -443,7 +443,7 @@ def write_reports(folder: OutputFolder, runs: list, zero: Optional[dict], ks: li
     with open(folder.replace("results.json"), "w") as f:
         json.dump(result, f, indent=1)
     folder.wrote("results.json")
-    figures = _figures(folder, summary, ks, methods)
+    figures = _figures(folder, summary, ks, methods, zero)
     one = (runs or failed or [None])[0]
     lines = ["# FSEFT benchmark", "", f"Machine: {json.dumps(one['machine']) if one else '-'}; "
              f"versions: {json.dumps(one['versions']) if one else '-'}.", "",
@@ -484,7 +484,7 @@ def _mean_sd(mean: float, sd: float, repeats: int) -> str:
     return f"{mean:.3f} ± {sd:.3f}" if repeats > 1 else f"{mean:.3f} (1 run)"
 
 
-def _figures(folder: OutputFolder, summary: dict, ks: list, methods: list) -> list:
+def _figures(folder: OutputFolder, summary: dict, ks: list, methods: list, zero: Optional[dict] = None) -> list:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -494,6 +494,8 @@ def _figures(folder: OutputFolder, summary: dict, ks: list, methods: list) -> li
         pts = [(k, summary[f"{m}|K={k}"]) for k in ks if f"{m}|K={k}" in summary]
         ax.errorbar([p[0] for p in pts], [p[1]["dice_mean"] for p in pts], [p[1]["dice_sd"] for p in pts],
                     marker="o", capsize=3, label=m)
+    if zero:  # the foundation alone: what every method must not fall below
+        ax.axhline(float(np.mean(list(zero.values()))), color="k", linestyle="--", label="zero-shot")
     ax.set(xlabel="K (support scans)", ylabel="Dice", xticks=ks)
     ax.legend(fontsize=7)
     names.append(_save(fig, folder, "dice_vs_k.png"))
