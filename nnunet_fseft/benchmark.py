@@ -206,6 +206,29 @@ def trainer_classes() -> dict:
     return {**METHODS, "nnUNetTrainerFSEFT_Start": nnUNetTrainerFSEFT_Start}
 
 
+def method_trainers(methods: List[str]) -> dict:
+    """Method name -> its trainer class: one of ours by its name without nnUNetTrainerFSEFT_, or a
+    subclass of ours by its full class name, as nnU-Net finds it (a user's variant in a folder of
+    nnUNet_extTrainer, say with other hyper-parameters: benchmarks/lr_sweep.py runs those)."""
+    from nnunet_fseft.foundation import find_trainer
+    from nnunet_fseft.trainers import nnUNetTrainerFSEFT
+    ours = trainer_classes()
+    found = {}
+    for m in methods:
+        cls = ours.get(f"nnUNetTrainerFSEFT_{m}")
+        if cls is None:
+            try:
+                cls = find_trainer(m)
+            except InputError:
+                cls = None
+        if cls is None or not issubclass(cls, nnUNetTrainerFSEFT):
+            raise InputError(f"Unknown method '{m}'; choose from: "
+                             f"{', '.join(t[len('nnUNetTrainerFSEFT_'):] for t in ours)}, or give the full class name "
+                             f"of a subclass of nnUNetTrainerFSEFT that nnU-Net finds (nnUNet_extTrainer).")
+        found[m] = cls
+    return found
+
+
 def benchmark(foundation: str, dataset: str, ks: List[int], repeats: int, methods: List[str], test: int,
               out: str, fold: str = "all", device: str = "cpu") -> dict:
     """Trains, predicts and scores every run not done yet; writes results.csv, results.json, report.md
@@ -217,14 +240,7 @@ def benchmark(foundation: str, dataset: str, ks: List[int], repeats: int, method
     from nnunet_fseft.foundation import sha256
     from nnunet_fseft.safety import dataset_name, require_env
 
-    choices = trainer_classes()
-    trainers = {}
-    for m in methods:
-        trainer = f"nnUNetTrainerFSEFT_{m}"
-        if trainer not in choices:
-            raise InputError(f"Unknown method '{m}'; choose from: "
-                             f"{', '.join(t[len('nnUNetTrainerFSEFT_'):] for t in choices)}.")
-        trainers[m] = trainer
+    trainers = method_trainers(methods)
     if device == "cuda":
         import torch
         if not torch.cuda.is_available():
@@ -279,16 +295,14 @@ def _run_all(folder: OutputFolder, foundation: str, fold: str, name: str, raw: s
 
     plans, dataset_json = load_plans(name, PLANS)
     configuration = plans[PLANS_KEY]["configuration"]
-    classes = trainer_classes()
-    costs = {r["method"]: r for r in method_costs(plans, dataset_json, configuration,
-                                                 [classes[t] for t in trainers.values()])}
+    costs = {r["method"]: r for r in method_costs(plans, dataset_json, configuration, list(trainers.values()))}
     held_out = link_held_out(images, splits[0]["val"], os.path.join(folder.path, "held_out"))
     labels = {v: n for n, v in dataset_json["labels"].items() if isinstance(v, int) and v > 0}
 
     def one_run(m: str, k: int, r: int, f: int) -> dict:
         """Trains, predicts and scores one run; a failed command raises CommandFailed."""
-        trainer = trainers[m]
-        env = run_env(classes[trainer], device, held_out)
+        trainer = trainers[m].__name__
+        env = run_env(trainers[m], device, held_out)
         fold_dir = os.path.join(results_root, name, f"{trainer}__{PLANS}__{configuration}", f"fold_{f}")
         if os.path.isdir(fold_dir):  # not a finished run of ours: keep it rather than overwrite it
             os.rename(fold_dir, backup_name(fold_dir))

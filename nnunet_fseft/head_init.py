@@ -75,10 +75,15 @@ def imprint(network: nn.Module, heads: Sequence[nn.Module], patches: Sequence[Tu
     the support voxels: a linear discriminant (class means, one covariance shared by the classes)
     between background and these labels. Label c's row becomes the background row plus the
     discriminant's difference, so at step 0 c wins over background where the support set's features
-    are likelier under c, and the labels compete among themselves the same way. The classes get
-    equal priors: with the voxel frequencies as priors a small organ (27 of 32,768 support voxels in
-    the tests' scans) is predicted nowhere, while Dice rewards finding it with some false positives.
-    Returns {label: support voxels it was imprinted from} (0: absent, its row left as is).
+    are likelier under c, and the labels compete among themselves the same way. The discriminant's
+    bias is then moved to where it gives the best Dice on the support voxels themselves
+    (`best_dice_threshold`): with the voxel frequencies as priors a small organ (27 of 32,768
+    support voxels in the tests' scans) is predicted nowhere, with equal priors a quarter of the
+    volume (the benchmark's synthetic pancreas: Dice 0.03 on held-out scans, 0.06 to 0.09 with the
+    bias set on the support).
+    Returns {label: (support voxels it was imprinted from, the Dice of its imprinted row on them)},
+    at the finest head's resolution ((0, 0.0): absent, its row left as is). A low Dice says that the
+    foundation's last features barely tell the label from background (see the trainer's log line).
 
     `patches`: (image (C, *patch), label (1, *patch), -1 = ignore) pairs; one forward each, every head
     (deep supervision) at once, labels taken nearest-neighbour to each head's resolution. `rows`:
@@ -98,7 +103,7 @@ def imprint(network: nn.Module, heads: Sequence[nn.Module], patches: Sequence[Tu
         for h in hooks:
             h.remove()
         network.train(was_training)
-    voxels = {c: 0 for c in labels}
+    found = {c: (0, 0.0) for c in labels}
     for head in heads:
         if len(captured[id(head)]) != len(segs):
             continue  # this head did not run (deep supervision off)
@@ -109,8 +114,6 @@ def imprint(network: nn.Module, heads: Sequence[nn.Module], patches: Sequence[Tu
             features.append(f[0].flatten(1)[:, keep].T.double())
             targets.append(seg[keep])
         features, targets = torch.cat(features), torch.cat(targets)
-        if head is heads[-1]:
-            voxels = {c: int((targets == c).sum()) for c in labels}
         classes = [c for c in (0, *labels) if (targets == c).any()]
         if 0 not in classes or len(classes) < 2:
             continue
@@ -125,7 +128,28 @@ def imprint(network: nn.Module, heads: Sequence[nn.Module], patches: Sequence[Tu
         b = -0.5 * (w * means).sum(1)  # equal priors (see the docstring)
         for i, c in enumerate(classes[1:], start=1):
             r = rows.get(c, c)
-            head.weight[r].copy_(head.weight[0] + (w[i] - w[0]).view(head.weight.shape[1:]).to(head.weight.dtype))
+            direction = w[i] - w[0]
+            threshold, dice = best_dice_threshold(features @ direction + float(b[i] - b[0]), targets == c)
+            offset = float(b[i] - b[0]) - threshold
+            if head is heads[-1]:
+                found[c] = (int((targets == c).sum()), dice)
+            head.weight[r].copy_(head.weight[0] + direction.view(head.weight.shape[1:]).to(head.weight.dtype))
             if head.bias is not None:
-                head.bias[r] = head.bias[0] + float(b[i] - b[0])
-    return voxels
+                head.bias[r] = head.bias[0] + offset
+    return found
+
+
+def best_dice_threshold(scores: torch.Tensor, positive: torch.Tensor) -> Tuple[float, float]:
+    """(t, its Dice): the threshold t for which `scores > t` has the best Dice against `positive`
+    (both 1-D). The voxels are ranked by score and the top k taken for the k with the best
+    2 TP_k / (k + P); t lies halfway between the k-th and the next score. (0, 0) if no voxel is positive."""
+    n_pos = int(positive.sum())
+    if n_pos == 0 or len(scores) == 0:
+        return 0.0, 0.0
+    order = torch.argsort(scores, descending=True)
+    ranked = scores[order]
+    true_pos = torch.cumsum(positive[order].double(), 0)
+    dice = 2 * true_pos / (torch.arange(1, len(scores) + 1, device=scores.device) + n_pos)
+    k = int(torch.argmax(dice))
+    threshold = float(ranked[k] + ranked[k + 1]) / 2 if k + 1 < len(ranked) else float(ranked[k]) - 1.0
+    return threshold, float(dice[k])

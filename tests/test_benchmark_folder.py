@@ -229,3 +229,20 @@ def test_transductive_runs_adapt_on_exactly_the_held_out_scans(nnunet_folders, m
     assert sorted(os.path.basename(files[0]) for files in queries) == ["case_1_0000.nii.gz", "case_3_0000.nii.gz"]
     monkeypatch.delenv(QUERY_ENV)
     assert [os.path.basename(f[0]) for f in query_images("Dataset601_A", ".nii.gz")] == ["other_0000.nii.gz"]
+
+
+def test_a_benchmark_runs_a_users_subclass_by_its_class_name(tmp_path, monkeypatch):
+    """Our methods by their short names; a user's variant of one (benchmarks/lr_sweep.py writes such
+    variants) by its full class name, from a folder on nnUNet_extTrainer; nnU-Net's own trainer is
+    not a method."""
+    from nnunet_fseft.benchmark import method_trainers
+    (tmp_path / "my_variants.py").write_text(
+        "from nnunet_fseft.trainers import nnUNetTrainerFSEFT_LoRA\n\n"
+        "class MyLoRA_lr1e3(nnUNetTrainerFSEFT_LoRA):\n    learning_rate = 1e-3\n")
+    monkeypatch.setenv("nnUNet_extTrainer", os.pathsep.join([str(tmp_path), os.environ.get("nnUNet_extTrainer", "")]))
+    found = method_trainers(["LoRA", "MyLoRA_lr1e3"])
+    assert found["LoRA"] is METHODS["nnUNetTrainerFSEFT_LoRA"]
+    assert found["MyLoRA_lr1e3"].__name__ == "MyLoRA_lr1e3" and found["MyLoRA_lr1e3"].learning_rate == 1e-3
+    for bad in ("nnUNetTrainer", "Nope"):
+        with pytest.raises(InputError, match=f"Unknown method '{bad}'"):
+            method_trainers([bad])

@@ -339,12 +339,13 @@ def test_imprinted_labels_are_found_at_step_0(factory):
         return found
 
     before, without = [h.weight.clone() for h in heads], dice_at_step_0()
-    voxels = imprint(net, heads, crops, [1, 2])
-    assert voxels[1] == sum(int((s == 1).sum()) for _, s in crops) > 0 and voxels[2] > 0
+    found = imprint(net, heads, crops, [1, 2])
+    assert found[1][0] == sum(int((s == 1).sum()) for _, s in crops) > 0 and found[2][0] > 0
+    assert 0 < found[1][1] <= 1 and 0 < found[2][1] <= 1  # the imprinted rows' Dice on the support voxels
     assert all(not torch.equal(b, h.weight) for b, h in zip(before, heads))  # deep-supervision heads too
     found = dice_at_step_0()
-    # an untrained network's 4 features (quality with telling features: the test below)
-    assert found[0] > 0.25 and found[0] > without[0] + 0.1, (found, without)
+    # an untrained network's 4 features (quality with telling features: the tests below)
+    assert found[0] > 0.2 and found[0] > without[0] + 0.1, (found, without)
 
 
 class _TellingFeatures(nn.Module):
@@ -374,6 +375,33 @@ def test_imprinting_on_telling_features_finds_every_new_label():
         with torch.no_grad():
             predicted = net(crop_image[None]).argmax(1)[0]
         assert _dice(predicted == c, crop_seg[0] == c) > 0.8, c
+
+
+def test_imprinting_sets_the_bias_where_the_support_dice_is_best():
+    """A small, faint organ: equal priors would mark far more voxels than it has; the bias set on the
+    support's Dice marks about as many as it has."""
+    from nnunet_fseft.head_init import imprint, label_crops
+    rng = np.random.RandomState(1)
+    image = rng.normal(0, 1.0, (1, 20, 20, 20)).astype(np.float32)
+    seg = np.zeros((1, 20, 20, 20), dtype=np.int16)
+    image[0, 8:11, 8:11, 8:11] += 1.5
+    seg[0, 8:11, 8:11, 8:11] = 1
+    torch.manual_seed(0)
+    net = _TellingFeatures(2)
+    crops = label_crops(image, seg, (20, 20, 20))
+    imprint(net, [net.head], crops, [1])
+    with torch.no_grad():
+        predicted = net(crops[0][0][None]).argmax(1)[0] == 1
+    assert 0.5 * 27 <= int(predicted.sum()) <= 3 * 27, int(predicted.sum())
+    assert _dice(predicted, crops[0][1][0] == 1) > 0.5
+
+
+def test_best_dice_threshold_takes_the_top_voxels_that_maximise_dice():
+    from nnunet_fseft.head_init import best_dice_threshold
+    scores = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0, 0.0])
+    assert best_dice_threshold(scores, torch.tensor([1, 1, 0, 1, 0, 0]).bool()) == pytest.approx((1.5, 6 / 7))  # top 4
+    assert best_dice_threshold(scores, torch.tensor([1, 0, 0, 0, 0, 0]).bool()) == (4.5, 1.0)
+    assert best_dice_threshold(scores, torch.zeros(6).bool()) == (0.0, 0.0)
 
 
 def test_a_crop_is_centred_on_the_labels_and_padded_where_the_volume_is_smaller():

@@ -86,6 +86,8 @@ class nnUNetTrainerFSEFT_BlackBox(nnUNetTrainerFSEFT):
                              f"use {self.__class__.__name__[:-2]} instead.")
         super().initialize()
 
+    tunes_decoder = False  # the foundation is only queried
+
     def start_from_foundation(self, network):
         frozen = network.foundation  # loaded when the network was built
         self.print_to_log_file(f"Black box: {frozen.num_parameters():,} foundation parameters queried, never "

@@ -59,6 +59,11 @@ def adamw_poly(trainer: nnUNetTrainer):
     return optimizer, PolyLRScheduler(optimizer, trainer.initial_lr, trainer.num_epochs)
 
 
+# Below this Dice of an imprinted label on the support voxels, its foundation features barely
+# separate it (the benchmark's synthetic pancreas: 0.06 to 0.13, and a linear probe ends below 0.1)
+WEAK_IMPRINT = 0.3
+
+
 class _Plateau(Exception):
     """The train loss stopped improving (nnU-Net's loop has no way out but its last epoch)."""
 
@@ -209,11 +214,22 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
         if rows:
             initialise_head(heads, foundation_heads, rows)
         if novel:
-            voxels = imprint(network, heads, self.support_patches(), novel, new_rows)
+            found = imprint(network, heads, self.support_patches(), novel, new_rows)
             names = {v: n for n, v in labels.items() if isinstance(v, int)}
             self.print_to_log_file("head initialisation: imprinted from the support set: " + ", ".join(
-                f"'{names[c]}' ({n:,} voxels)" if n else f"'{names[c]}' (absent from the support set: not imprinted)"
-                for c, n in voxels.items()))
+                f"'{names[c]}' ({n:,} voxels, Dice {d:.2f} on them)" if n else
+                f"'{names[c]}' (absent from the support set: not imprinted)" for c, (n, d) in found.items()))
+            weak = [names[c] for c, (n, d) in found.items() if n and d < WEAK_IMPRINT]
+            if weak and not self.tunes_decoder:
+                self.print_to_log_file(
+                    f"Warning: the foundation's last features barely tell {', '.join(map(repr, weak))} from background "
+                    f"(imprinted Dice below {WEAK_IMPRINT} on the support itself); {type(self).__name__} leaves the "
+                    f"decoder frozen and may not learn it: a method that tunes the decoder (e.g. "
+                    f"nnUNetTrainerFSEFT_LoRA_DecoderFT) can.")
+
+    @property
+    def tunes_decoder(self) -> bool:
+        return "decoder" in self.trainable or "all" in self.trainable
 
     def support_patches(self) -> list:
         """Patches of the support scans, one centred on each label (what `imprint` learns the new rows from)."""
