@@ -84,7 +84,8 @@ def adopt(foundation: str, target: str, fold: str = "all", checkpoint: str = "ch
     ckpt_path = foundation_checkpoint(foundation, fold, checkpoint)
     foundation_json = read_dataset_json(os.path.join(foundation, "dataset.json"))
     check_channels(foundation_json, target_json, name)
-    weights = read_checkpoint(ckpt_path)["network_weights"]  # refuses unsafe or non-nnU-Net files
+    ckpt = read_checkpoint(ckpt_path)  # refuses unsafe or non-nnU-Net files
+    weights = ckpt["network_weights"]
     check_finite(weights, ckpt_path)
     plans = read_json(os.path.join(foundation, "plans.json"), "pass a model folder as nnUNetv2_train wrote it")
     check_architecture(plans, configuration, weights, trainer)
@@ -109,9 +110,17 @@ def adopt(foundation: str, target: str, fold: str = "all", checkpoint: str = "ch
         "labels": foundation_json["labels"],
         # the folded head's rows per target channel (nnunet_fseft/fold.py); None for regions
         "head_rows": fold_groups(target_json["labels"], foundation_json["labels"]),
+        # the axes the foundation was trained to be mirror-invariant along (None: trained without
+        # mirroring); adaptation augments and predicts along these alone
+        "mirror_axes": _mirror_axes(ckpt),
     }
     _preprocess_then_swap(name, plans, plans_file, configuration, num_processes)
     return plans_file, configuration
+
+
+def _mirror_axes(ckpt: dict):
+    axes = ckpt.get("inference_allowed_mirroring_axes")
+    return None if axes is None else [int(a) for a in axes]
 
 
 def _preprocess_then_swap(name: str, plans: dict, plans_file: str, configuration: str, num_processes: int) -> None:

@@ -10,6 +10,7 @@ from torch import nn
 from networks import plain2d, plain3d, plans_manager, primus, resenc3d
 from nnunet_fseft.blackbox import LinearProbe, build_black_box
 from nnunet_fseft.errors import InputError
+from nnunet_fseft.foundation import PLANS_KEY
 from nnunet_fseft.feature_cache import FeatureDataset, FeatureStore, sliding_window_features
 from nnunet_fseft.head_init import head_rows, initialise_head
 from nnunet_fseft.labels import canonical, match_labels
@@ -168,7 +169,7 @@ def test_spatial_augmentation_moves_cached_features_and_labels_together(tmp_path
     nnU-Net's data loader has cropped, rotated, scaled and mirrored them."""
     from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunet_fseft.trainers.blackbox import nnUNetTrainerFSEFT_BlackBox
+    from nnunet_fseft.trainers.blackbox import spatial_only
     rng = np.random.default_rng(0)
     segs = {}
     for k in ("a", "b"):
@@ -183,9 +184,9 @@ def test_spatial_augmentation_moves_cached_features_and_labels_together(tmp_path
     transforms = nnUNetTrainer.get_training_transforms(
         (16, 16, 16), (-np.pi, np.pi), None, (0, 1, 2), False, use_mask_for_norm=[False])
     n_before = len(transforms.transforms)
-    transforms = nnUNetTrainerFSEFT_BlackBox._spatial_only(transforms)
+    transforms = spatial_only(transforms, -1)
     kinds = [type(t).__name__ for t in transforms.transforms]
-    assert kinds == ["SpatialTransform", "MirrorTransform", "RemoveLabelTransform"] and n_before > len(kinds)
+    assert kinds == ["SpatialTransform", "MirrorTransform"] and n_before > len(kinds)
     lm = plans_manager("plain").get_label_manager({"labels": {"background": 0, "organ": 1}})
     loader = nnUNetDataLoader(FeatureDataset(_Cases(segs), store), 4, (24, 24, 24), (16, 16, 16), lm,
                               oversample_foreground_percent=1.0, transforms=transforms)
@@ -193,9 +194,10 @@ def test_spatial_augmentation_moves_cached_features_and_labels_together(tmp_path
     for _ in range(5):
         batch = loader.generate_train_batch()
         assert batch["data"].shape == (4, 2, 16, 16, 16)
-        predicted = batch["data"].argmax(1)
-        agree.append((predicted == batch["target"][:, 0]).float().mean().item())
-        with_foreground += int(batch["target"].sum() > 0)
+        predicted, target = batch["data"].argmax(1), batch["target"][:, 0]
+        inside = target >= 0  # -1: rotated in from outside the crop, where the features are 0
+        agree.append((predicted == target)[inside].float().mean().item())
+        with_foreground += int((batch["target"] == 1).any())
     assert min(agree) > 0.97, agree  # trilinear features vs nearest labels differ only on borders
     assert with_foreground == 5  # foreground oversampling reads the labels' locations
     store.clear()
@@ -298,6 +300,47 @@ def test_soft_sizes_count_probability_mass_in_mm3():
     logits[0, 0] = 20.0
     logits[0, 1, :2] = 40.0  # half the voxels are class 1
     assert soft_sizes(logits, 1.5).tolist() == pytest.approx([32 * 1.5], rel=1e-4)
+
+
+def test_cached_feature_patches_leave_what_lies_outside_the_volume_to_the_loss_to_ignore(tmp_path, monkeypatch):
+    """A case smaller than the patch: nnU-Net pads it with features of 0 (never the foundation's
+    features) and label -1, which now stays -1 (not background), and the black-box loss ignores it."""
+    from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunet_fseft.trainers.blackbox import spatial_only
+    seg = np.zeros((1, 10, 10, 10), dtype=np.int16)
+    seg[0, 3:7, 3:7, 3:7] = 1
+    store = FeatureStore("")
+    store.put("a", torch.from_numpy(np.concatenate([seg == 0, seg == 1]).astype(np.float32) + 1))
+    transforms = spatial_only(nnUNetTrainer.get_training_transforms(
+        (16, 16, 16), (-np.pi, np.pi), None, (0, 1, 2), False, use_mask_for_norm=[False]), -1)
+    lm = plans_manager("plain").get_label_manager({"labels": {"background": 0, "organ": 1}})
+    loader = nnUNetDataLoader(FeatureDataset(_Cases({"a": seg}), store), 2, (16, 16, 16), (16, 16, 16), lm,
+                              oversample_foreground_percent=1.0, transforms=transforms)
+    batch = loader.generate_train_batch()
+    # inside, the features sum to 3 (one-hot + 1); trilinear sampling blends the two on the borders
+    total, target = batch["data"].sum(1), batch["target"][:, 0]
+    outside, inside = total.abs() < 1e-3, (total - 3).abs() < 1e-3
+    assert outside.float().mean() > 0.3 and inside.float().mean() > 0.05
+    assert (target[outside] == -1).all() and (target[inside] >= 0).all()
+
+    from nnunet_fseft.trainers import nnUNetTrainerFSEFT_LinearProbe
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    trainer = nnUNetTrainerFSEFT_LinearProbe(_black_box_plans(), "3d_fullres", 0,
+                                             {"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1},
+                                              "numTraining": 2, "file_ending": ".nii.gz"}, torch.device("cpu"))
+    loss = trainer._build_loss()
+    logits = torch.randn(2, 2, 16, 16, 16)
+    changed = torch.where(outside[:, None], torch.full_like(logits, 5.0), logits)  # any logits outside
+    assert torch.isfinite(loss(logits, target[:, None])) and torch.equal(loss(logits, target[:, None]),
+                                                                           loss(changed, target[:, None]))
+
+
+def _black_box_plans():
+    plans = {**copy.deepcopy(plans_manager("plain").plans), "continue_training": False}
+    plans[PLANS_KEY] = {"configuration": "3d_fullres", "trainer": "nnUNetTrainer", "checkpoint": "unused.pth",
+                        "labels": {"background": 0, "organ": 1}}
+    return plans
 
 
 # --- imprinting: a start for labels the foundation does not know -------------------------------

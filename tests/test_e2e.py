@@ -51,6 +51,10 @@ def test_lora_training_loads_foundation_and_trains_only_adapters(lora_run, found
     # the final checkpoint is the model: none is chosen on the validation cases (the K-shot test set)
     assert "few-shot schedule for K = 1: at most 2 epochs x 3 iterations (3 per pass" in log
     assert not (folder / "fold_0" / "checkpoint_best.pth").exists()
+    # the session foundation was trained without mirroring (nnUNetTrainerFSEFT_Pretrain): adopt records
+    # that, and the adapted model neither augments nor predicts mirrored
+    assert json.load(open(folder / "plans.json"))[PLANS_KEY]["mirror_axes"] is None
+    assert read_checkpoint(str(folder / "fold_0" / "checkpoint_final.pth"))["inference_allowed_mirroring_axes"] is None
 
 
 EARLY_STOP = """

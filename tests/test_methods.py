@@ -403,3 +403,21 @@ def test_one_overflowed_step_among_finite_ones_does_not_stop_training(tmp_path, 
     assert np.isnan(trainer.logger.get_value("train_losses", step=0))  # the epoch's mean is NaN, yet it goes on
     with open(trainer.log_file) as f:
         assert "Training stopped" not in f.read()
+
+
+@pytest.mark.parametrize("recorded, expected", [([0, 1, 2], (0, 1, 2)), (None, None), ("absent", (0, 1, 2))])
+def test_adaptation_mirrors_along_the_axes_the_foundation_was_trained_to_mirror(recorded, expected, tmp_path,
+                                                                               monkeypatch):
+    """A foundation trained without mirroring tells left from right: its adaptation neither augments nor
+    predicts mirrored. Plans from before adopt recorded the axes keep nnU-Net's default."""
+    from nnunet_fseft.foundation import PLANS_KEY
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    plans = {**copy.deepcopy(plans_manager("plain").plans), "continue_training": False}
+    plans[PLANS_KEY] = {"configuration": "3d_fullres", "trainer": "nnUNetTrainer", "labels": {"background": 0}}
+    if recorded != "absent":
+        plans[PLANS_KEY]["mirror_axes"] = recorded
+    dataset_json = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1}, "numTraining": 2,
+                    "file_ending": ".nii.gz"}
+    trainer = ALL_METHODS["nnUNetTrainerFSEFT_LoRA"](plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
+    mirror_axes = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[3]
+    assert mirror_axes == expected and trainer.inference_allowed_mirroring_axes == expected

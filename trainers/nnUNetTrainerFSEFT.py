@@ -241,6 +241,19 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
             patches += label_crops(np.asarray(data[:]), np.asarray(seg[:]), self.configuration_manager.patch_size)
         return patches
 
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        # Mirror as the foundation did: nnU-Net's mirroring augmentation and test-time mirroring assume a
+        # network trained mirror-invariant, and one trained without mirroring knows left from right (its
+        # spleen is on one side), so mirrored patches would teach it a mirrored anatomy and mirrored
+        # test-time predictions would cancel its own. Plans adopted before the axes were recorded keep
+        # nnU-Net's default.
+        rotation, dummy_2d, initial_patch_size, mirror_axes = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        if self.foundation is not None and "mirror_axes" in self.foundation:
+            axes = self.foundation["mirror_axes"]
+            mirror_axes = None if axes is None else tuple(a for a in axes if a < len(self.configuration_manager.patch_size))
+            self.inference_allowed_mirroring_axes = mirror_axes
+        return rotation, dummy_2d, initial_patch_size, mirror_axes
+
     def _build_loss(self):
         # Primus has one output and no `decoder` to switch deep supervision on or off
         if not hasattr(unwrap(self.network), "decoder"):
