@@ -205,6 +205,36 @@ def test_pretrained_weights_route(workspace, foundation, target):
     assert p.returncode != 0 and "No foundation weights were loaded" in p.stdout
 
 
+def test_step_0_on_the_pretrained_weights_route_is_the_zero_shot_prediction(workspace, foundation, base_target,
+                                                                            tmp_path):
+    """nnU-Net's own route (plans without our record, -pretrained_weights) gives the head no weights;
+    our trainer starts it from the checkpoint's rows by label name, so a target with every one of the
+    foundation's classes (under synonyms, in another order) is segmented at step 0 as zeroshot does."""
+    name = "Dataset503_SynthBase"
+    pre = workspace / "nnUNet_preprocessed" / name
+    plans = json.load(open(pre / "FSEFTPlans.json"))
+    del plans[PLANS_KEY]
+    plans["plans_name"] = "PlainPlans"  # same data_identifier: reuses the preprocessed data
+    json.dump(plans, open(pre / "PlainPlans.json", "w"))
+    trainer = "nnUNetTrainerFSEFT_Start"
+    log = run(["nnUNetv2_train", base_target, "3d_fullres", "0", "-p", "PlainPlans", "-tr", trainer, "-device", "cpu",
+               "-pretrained_weights", foundation / "fold_all" / "checkpoint_final.pth"], env=TRAIN_ENV).stdout
+    assert "head initialisation: " in log and "not folded" not in log
+    held_out = json.loads((pre / "splits_final.json").read_text())[0]["val"]
+    images = tmp_path / "held_out"
+    images.mkdir()
+    for case in held_out:
+        os.symlink(workspace / "nnUNet_raw" / name / "imagesTr" / f"{case}_0000.nii.gz", images / f"{case}_0000.nii.gz")
+    run(["nnUNetv2_predict", "-i", images, "-o", tmp_path / "start", "-d", base_target, "-c", "3d_fullres", "-f", "0",
+         "-p", "PlainPlans", "-tr", trainer, *PREDICT_ON_CPU])
+    zero = tmp_path / "zeroshot"
+    run(["nnunet-fseft", "zeroshot", "-d", base_target, "--disable_tta", "-o", zero])
+    start, zero_shot = segmentations(tmp_path / "start"), segmentations(zero / "predictions")
+    assert all(len(np.unique(z)) > 2 for z in zero_shot)  # organs found, not only background
+    for a, b in zip(start, zero_shot):
+        assert np.array_equal(a, b)
+
+
 def test_plans_that_do_not_match_the_foundation_name_the_tensor(workspace, target):
     pre = workspace / "nnUNet_preprocessed" / "Dataset501_SynthCTB"
     plans = json.load(open(pre / "FSEFTPlans.json"))

@@ -17,6 +17,7 @@ calls that classmethod, rebuilds the same network. Where the foundation comes fr
 import math
 import os
 import sys
+from typing import Optional
 
 import numpy as np
 import torch
@@ -27,9 +28,10 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunet_fseft.anatomy import anatomy
 from nnunet_fseft.errors import InputError
 from nnunet_fseft.fold import fold_seg_layers, is_folded, width
-from nnunet_fseft.foundation import architecture_trainer, load_foundation, recorded_foundation, unwrap
+from nnunet_fseft.foundation import architecture_trainer, load_foundation, read_checkpoint, recorded_foundation, unwrap
 from nnunet_fseft.gpu_data import device_dataloaders, gpu_data_enabled
 from nnunet_fseft.head_init import head_rows, imprint, initialise_head, label_crops
+from nnunet_fseft.labels import match_labels
 from nnunet_fseft.parameters import count_parameters, freeze
 from nnunet_fseft.schedule import WarmupCosine, few_shot_schedule, plateaued
 from nnunet_fseft.settings import check_settings
@@ -156,10 +158,19 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
         return groups
 
     @staticmethod
-    def pretrained_weights_follow() -> bool:
-        # nnU-Net gives the trainer no sign of -pretrained_weights; its command line is the only one.
-        # (argparse also accepts unambiguous abbreviations such as -pretrained)
-        return any(len(a.split("=")[0]) > 3 and "-pretrained_weights".startswith(a.split("=")[0]) for a in sys.argv)
+    def pretrained_weights_path() -> Optional[str]:
+        """The file given to -pretrained_weights on nnU-Net's command line, or None: nnU-Net gives the
+        trainer no other sign of it (argparse also accepts unambiguous abbreviations such as
+        -pretrained, and FLAG=VALUE)."""
+        for i, arg in enumerate(sys.argv):
+            flag, eq, value = arg.partition("=")
+            if len(flag) > 3 and "-pretrained_weights".startswith(flag):
+                return value if eq else (sys.argv[i + 1] if i + 1 < len(sys.argv) else "")
+        return None
+
+    @classmethod
+    def pretrained_weights_follow(cls) -> bool:
+        return cls.pretrained_weights_path() is not None
 
     def initialize(self):
         if (self.foundation is None or self.pretrained_weights_follow()) and not self._restoring:
@@ -188,15 +199,41 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
             return []
         return [(weights[f"{h}.weight"], weights.get(f"{h}.bias")) for h in a.head]
 
+    def start_head_from_pretrained_weights(self, network: torch.nn.Module) -> None:
+        """On nnU-Net's own transfer route nnU-Net loads everything but the head; the head starts as
+        on the adopt route, from the checkpoint's rows of the labels it knows (its dataset.json is in
+        the checkpoint) and imprinted for the others. The head keeps the target's width, so the
+        foundation's classes the target lacks are not folded into background: step 0 is the zero-shot
+        prediction where the target has every class of the foundation, an approximation otherwise."""
+        ckpt = read_checkpoint(self.pretrained_weights_path())
+        labels = (ckpt.get("init_args") or {}).get("dataset_json", {}).get("labels")
+        a = anatomy(network)
+        weights = ckpt["network_weights"]
+        if not labels or a.transformer or any(f"{h}.weight" not in weights for h in a.head):
+            self.print_to_log_file("head initialisation: the -pretrained_weights checkpoint records no labels or "
+                                   "no head of this network (new head)")
+            return
+        self.initialise_head(network, [(weights[f"{h}.weight"], weights.get(f"{h}.bias")) for h in a.head], labels)
+        matched = {f for _, _, f, _ in match_labels(self.dataset_json["labels"], labels)}
+        unmatched = {n for n, v in labels.items() if isinstance(v, int) and v != 0 and n != "ignore"} - matched
+        if unmatched:
+            self.print_to_log_file(f"head initialisation: the foundation's {', '.join(sorted(map(repr, unmatched)))} "
+                                   f"are not folded into background on the -pretrained_weights route, so step 0 only "
+                                   f"approximates the zero-shot prediction; `nnunet-fseft adopt` folds them")
+
     def new_heads(self, network: torch.nn.Module) -> list:
         return [network.get_submodule(h) for h in anatomy(network).head]
 
-    def initialise_head(self, network: torch.nn.Module, foundation_heads: list) -> None:
+    def initialise_head(self, network: torch.nn.Module, foundation_heads: list,
+                        foundation_labels: Optional[dict] = None) -> None:
+        """The new head(s) from the foundation's rows for the labels it knows (by name; its labels are
+        the recorded foundation's unless given), imprinted from the support set for the others."""
         if not foundation_heads:
             self.print_to_log_file("head initialisation: not available for this architecture (new head)")
             return
         labels = self.dataset_json["labels"]
-        rows, message = head_rows(labels, self.foundation.get("labels", {}))
+        rows, message = head_rows(labels, foundation_labels if foundation_labels is not None else
+                                  self.foundation.get("labels", {}))
         self.print_to_log_file(message)
         heads = self.new_heads(network)
         known = {t for t, _ in rows}
@@ -314,6 +351,8 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
                                  "-pretrained_weights was given; run `nnunet-fseft adopt` for this dataset and train "
                                  "with the plans it writes (-p FSEFTPlans), or pass -pretrained_weights.")
             self.adapt(network)
+            if self.head_init:
+                self.start_head_from_pretrained_weights(network)
             self.optimizer, self.lr_scheduler = self.configure_optimizers()
             self._inject_on_train_start = False
         self.plan_schedule()
