@@ -79,7 +79,7 @@ def test_pool_pretrain_predict_and_adopt(workspace, sources, pooled):
     assert annotations["cases"]["Dataset111_PartB_003"]["annotated"] == [3, 4]
 
     run(["nnUNetv2_train", POOLED, "3d_fullres", "0", "-p", plans, "-tr", "nnUNetTrainerFSEFT_FoundationShort",
-             "-device", "cpu"], env={**TRAIN_ENV, "nnUNet_fseft_epochs": "4", "nnUNet_fseft_iters_per_epoch": "25"})
+             "-device", "cpu"], env={**TRAIN_ENV, "nnUNet_fseft_epochs": "4", "nnUNet_fseft_iters_per_epoch": "50"})
     model = results / "Dataset210_Pooled" / f"nnUNetTrainerFSEFT_FoundationShort__{plans}__3d_fullres"
     log = _log(model / "fold_0")
     assert "Dataset110_PartA annotates liver, spleen" in log and "Dataset111_PartB annotates kidney_left, kidney_right" in log
