@@ -25,6 +25,13 @@ class nnUNetTrainerFSEFT_DecoderFT(nnUNetTrainerFSEFT):
     learning_rate = 1e-4  # 1e-3 helped the novel organ (0.56 vs 0.50) but cost the base one 0.035
 
 
+class nnUNetTrainerFSEFT_DecoderFT_lr1e3(nnUNetTrainerFSEFT_DecoderFT):
+    """For an organ the foundation does not know: a novel organ starts near Dice 0 and needs the larger
+    step (benchmark pancreas, K = 1, two foundations: 0.56 and 0.36 at 1e-3 vs 0.50 and 0.06 at 1e-4),
+    which costs a known organ 0.02-0.03 (benchmarks/results/lr_sweep_cpu.md)."""
+    learning_rate = 1e-3
+
+
 class nnUNetTrainerFSEFT_FTLast(nnUNetTrainerFSEFT):
     """Only the last decoder stage and the head."""
     trainable = ("last_stage", "head")
