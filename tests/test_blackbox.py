@@ -336,6 +336,29 @@ def test_cached_feature_patches_leave_what_lies_outside_the_volume_to_the_loss_t
                                                                            loss(changed, target[:, None]))
 
 
+def test_the_gpu_data_switch_leaves_cached_feature_methods_on_their_own_path(tmp_path, monkeypatch):
+    """nnUNet_fseft_gpu_data=1 is one switch for every method of a session (a benchmark): a method
+    that trains on cached features keeps its CPU path, one on online features takes the GPU path,
+    and a class that itself asks for the GPU path on cached features is refused in one sentence."""
+    from nnunet_fseft.trainers import nnUNetTrainerFSEFT_LinearProbe, nnUNetTrainerFSEFT_SpatialAdapterOnline
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    monkeypatch.setenv("nnUNet_fseft_gpu_data", "1")
+
+    def make(cls):
+        return cls(_black_box_plans(), "3d_fullres", 0, {"channel_names": {"0": "CT"}, "labels": {"background": 0,
+                   "organ": 1}, "numTraining": 2, "file_ending": ".nii.gz"}, torch.device("cpu"))
+    cached = make(nnUNetTrainerFSEFT_LinearProbe)
+    assert cached.gpu_data is False
+    assert "does not apply to nnUNetTrainerFSEFT_LinearProbe" in open(cached.log_file).read()
+    assert make(nnUNetTrainerFSEFT_SpatialAdapterOnline).gpu_data is True
+
+    class AsksForIt(nnUNetTrainerFSEFT_LinearProbe):
+        gpu_data = True
+    monkeypatch.delenv("nnUNet_fseft_gpu_data")
+    with pytest.raises(InputError, match=r"^AsksForIt sets gpu_data = True but trains on cached features[^\n]*\.$"):
+        make(AsksForIt)
+
+
 def _black_box_plans():
     plans = {**copy.deepcopy(plans_manager("plain").plans), "continue_training": False}
     plans[PLANS_KEY] = {"configuration": "3d_fullres", "trainer": "nnUNetTrainer", "checkpoint": "unused.pth",

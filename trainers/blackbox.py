@@ -68,9 +68,15 @@ class nnUNetTrainerFSEFT_BlackBox(nnUNetTrainerFSEFT):
                              f"'{self.feature_store}'; set features to 'cached' or 'online' and feature_store to "
                              f"'memory' or 'disk'.")
         if self.gpu_data and self.features == "cached":
-            raise InputError(f"{self.__class__.__name__} trains on cached features, not images, so the GPU data path "
-                             f"does not apply; unset nnUNet_fseft_gpu_data, or train features = 'online' (e.g. "
-                             f"nnUNetTrainerFSEFT_SpatialAdapterOnline).")
+            if type(self).gpu_data:  # the class's own settings contradict each other
+                raise InputError(f"{self.__class__.__name__} sets gpu_data = True but trains on cached features, not "
+                                 f"images, so the GPU data path does not apply; set gpu_data = False, or features = "
+                                 f"'online' (e.g. nnUNetTrainerFSEFT_SpatialAdapterOnline).")
+            # nnUNet_fseft_gpu_data=1 is one switch for a whole session (a benchmark of every method, say):
+            # features cached once need no augmentation workers to keep up, so this method keeps its own path
+            self.gpu_data = False
+            self.print_to_log_file(f"nnUNet_fseft_gpu_data=1 does not apply to {self.__class__.__name__}, which trains "
+                                   f"on cached features: their patches are cut and augmented on the CPU")
         self.store = self.query_store = self.size_prior = None
         self.query_files = []
 
