@@ -27,7 +27,7 @@ SCHEDULES = {
     "cpu": {"foundation": (30, 20), "finetune": (25, 20)},
     "cuda": {"foundation": (100, 50), "finetune": (50, 50)},
 }
-METHODS = ["DecoderFT_lr1e3", "FullFT"]  # the README's first choice for a novel organ, and the baseline
+METHODS = ["DecoderFT_lr1e3", "FullFT"]  # the README's first choice for a novel organ at K = 1 (the demo's K), and the baseline
 
 
 class Demo:
