@@ -44,7 +44,8 @@ def parser(description=__doc__, tasks=TASKS, methods=None, ks=(1, 5, 10)) -> arg
     ap.add_argument("--foundation", help="an nnU-Net model folder to use instead of training one")
     ap.add_argument("--tasks", nargs="+", default=list(tasks), choices=list(TASKS))
     ap.add_argument("--organ", default="spleen", choices=BASE_ORGANS, help="organ of the base task")
-    ap.add_argument("-k", "--k", dest="k", type=int, nargs="+", default=list(ks))
+    ap.add_argument("-k", "--k", dest="k", type=int, nargs="+", default=list(ks),
+                    help="support scans per run, run in the order given (-k 5 1: K = 5 first)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--test", type=int, default=8, help="held-out scans per task")
     ap.add_argument("--methods", nargs="+", default=methods or ["Start"] + [m[len("nnUNetTrainerFSEFT_"):] for m in METHODS],

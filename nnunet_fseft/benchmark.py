@@ -57,6 +57,14 @@ def folds(ks: List[int], repeats: int, cases: list, test: int, seed: int = 0) ->
     return [s for k in ks for s in kshot_splits(cases, k, repeats, seed, test)]
 
 
+def run_order(ks: List[int], repeats: int, methods: list) -> list:
+    """(method, K, repeat, fold) of every run, K in the order asked (`-k 5 1` runs K = 5 first);
+    fold numbers follow the K values sorted, as `folds` writes them, whatever that order."""
+    by_size = sorted(set(ks))
+    return [(m, k, r, by_size.index(k) * repeats + r) for k in dict.fromkeys(ks) for r in range(repeats)
+            for m in methods]
+
+
 class OutputFolder:
     """The output folder of one benchmark. Its benchmark.json records which benchmark it holds
     (`identity`: dataset, foundation sha256, schedule, held-out cases) and the digest of every
@@ -251,8 +259,7 @@ def benchmark(foundation: str, dataset: str, ks: List[int], repeats: int, method
     raw = os.path.join(require_env("nnUNet_raw"), name)
     images = {c: v["images"] for c, v in get_filenames_of_train_images_and_targets(
         raw, read_dataset_json(os.path.join(raw, "dataset.json"))).items()}
-    ks = sorted(set(ks))
-    splits = folds(ks, repeats, sorted(images), test)  # checks K + test <= cases first
+    splits = folds(sorted(set(ks)), repeats, sorted(images), test)  # checks K + test <= cases first
     checkpoint = foundation_checkpoint(foundation, fold, "checkpoint_final.pth")
     identity = {"dataset": name, "foundation_sha256": sha256(checkpoint), "schedule": schedule(),
                 "held_out": splits[0]["val"]}
@@ -320,10 +327,10 @@ def _run_all(folder: OutputFolder, foundation: str, fold: str, name: str, raw: s
                 "trainable": cost.get("trainable"), "total": cost.get("total"), "adapter_bytes": cost.get("file_bytes"),
                 "per_label": {labels[int(l)]: v for l, v in metrics.items()}}
 
-    todo = [(m, k, r, ks.index(k) * repeats + r) for k in ks for r in range(repeats) for m in trainers]
+    todo = run_order(ks, repeats, list(trainers))
     runs = run_pending(folder, todo, splits, device, one_run)
     zero = zero_shot_scores(folder, name, plans, dataset_json, device)
-    result = write_reports(folder, runs, zero, ks, list(trainers))
+    result = write_reports(folder, runs, zero, sorted(set(ks)), list(trainers))
     if result["failed"]:
         print(f"{len(result['failed'])} of {len(todo)} runs failed (listed in {os.path.join(folder.path, 'report.md')},"
               f" all their output in {folder.log}); run the benchmark again to retry them", flush=True)

@@ -223,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--foundation", required=True, help="the foundation's nnU-Net model folder")
     s.add_argument("-f", "--fold", dest="fold", default="all", help="fold of the foundation (default all)")
     s.add_argument("-d", required=True, help="target dataset id or name (in nnUNet_raw; adopted if needed)")
-    s.add_argument("-k", "--k", dest="k", type=int, nargs="+", default=[1, 5, 10], help="support cases per run")
+    s.add_argument("-k", "--k", dest="k", type=int, nargs="+", default=[1, 5, 10],
+                   help="support cases per run; the K values run in the order given (-k 5 1: K = 5 first)")
     s.add_argument("--repeats", type=int, default=3)
     s.add_argument("--methods", nargs="+", default=["LoRA", "SpatialAdapter", "FullFT"],
                    help="trainer names without nnUNetTrainerFSEFT_")

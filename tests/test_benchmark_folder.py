@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from nnunet_fseft.benchmark import (MANIFEST, OutputFolder, benchmark, link_held_out, run_env, run_pending,
+from nnunet_fseft.benchmark import (MANIFEST, OutputFolder, benchmark, link_held_out, run_env, run_order, run_pending,
                                     write_reports, zero_shot_scores)
 from nnunet_fseft.errors import InputError
 from nnunet_fseft.foundation import PLANS_KEY
@@ -181,6 +181,19 @@ def test_a_failed_run_is_recorded_reported_and_retried_while_the_others_go_on(tm
     result = write_reports(folder, rows, None, [1], ["LoRA", "BitFit"])
     assert [r["method"] for r in result["runs"]] == ["LoRA", "BitFit"] and result["failed"] == []
     assert "failed" not in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_runs_go_in_the_order_of_k_asked_and_keep_the_fold_numbers_of_the_splits():
+    """`-k 5 1` runs K = 5 first (a device run asked for K = 5 first and got only K = 1 when the K
+    values were sorted); each run keeps the fold that `folds` wrote for its K, whatever the order."""
+    from nnunet_fseft.benchmark import folds
+    cases = [f"case_{i}" for i in range(12)]
+    splits = folds([1, 5], 2, cases, 4)
+    todo = run_order([5, 1], 2, ["LoRA", "FullFT"])
+    assert [(m, k, r) for m, k, r, f in todo][:4] == [("LoRA", 5, 0), ("FullFT", 5, 0), ("LoRA", 5, 1), ("FullFT", 5, 1)]
+    assert [len(splits[f]["train"]) for m, k, r, f in todo] == [k for m, k, r, f in todo]
+    assert sorted({f for *_, f in todo}) == [0, 1, 2, 3] and run_order([1, 5, 5], 2, ["LoRA"]) == run_order([1, 5], 2, ["LoRA"])
+    assert {f for m, k, r, f in run_order([1, 5], 2, ["LoRA"]) if k == 5} == {f for m, k, r, f in todo if k == 5}
 
 
 def csv_rows(path):
