@@ -4,7 +4,8 @@ novel-organ task, K = 1, 5, 10, repeats, every method (or --methods).
 1. a foundation on five base organs (scanner A), planned, preprocessed and trained with
    nnUNetv2_train as the demo trains it (or --foundation MODEL_FOLDER);
 2. two targets on another scanner (B): a base organ the foundation knows (default spleen; the
-   report adds the zero-shot row), and pancreas, a novel, low-contrast organ placed by its neighbours;
+   report adds the zero-shot row, and the task stops before any training when the foundation does
+   not segment that organ zero-shot), and pancreas, a novel, low-contrast organ placed by its neighbours;
 3. `nnunet_fseft.benchmark.benchmark` for each: adopt, K-shot folds, nnUNetv2_train,
    nnUNetv2_predict on the same held-out scans (also the query volumes of transductive methods),
    nnU-Net's evaluator, report and figures.
@@ -91,7 +92,8 @@ def main(args=None):
                           shape=(SHAPE,) * 3)
         d.say(f"{task} organ task ({organ}): nnunet-fseft benchmark")
         out = os.path.join(d.workdir, folder)
-        benchmark(model, str(dataset), args.k, args.repeats, args.methods, args.test, out, device=args.device)
+        benchmark(model, str(dataset), args.k, args.repeats, args.methods, args.test, out, device=args.device,
+                  base_organs=task == "base")
         text = open(os.path.join(out, "report.md")).read().split("\n", 3)[3]  # without its title and machine line
         for f in os.listdir(out):
             if f.endswith(".png"):

@@ -98,7 +98,8 @@ def main():
                           scanner="B", shape=(SHAPE,) * 3)
         d.say(f"{task} organ task ({organ}): {len(names)} methods x learning rates")
         results[task] = benchmark(model, str(dataset), args.k, args.repeats, names, args.test,
-                                  os.path.join(d.workdir, f"sweep_{task}"), device=args.device)
+                                  os.path.join(d.workdir, f"sweep_{task}"), device=args.device,
+                                  base_organs=task == "base")
 
     m = machine()
     lines = ["# Learning-rate sweep on synthetic data", "",

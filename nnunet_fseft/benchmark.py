@@ -36,6 +36,9 @@ OUTPUTS = ("runs.jsonl", "log.txt", "zero_shot.json", "results.csv", "results.js
            "held_out", "predictions")
 # The Start row's name in reports: the untrained network every method starts from
 STEP0 = "Start (step 0 of every method)"
+# A zero-shot Dice below this on a label the foundation names: it names the organ but never learned it
+# (a short foundation training can miss one), so that label is a novel organ in all but name.
+UNLEARNED_DICE = 0.05
 # The schedule overrides every run gets (unset: each trainer's own schedule)
 SCHEDULE = {"epochs": "nnUNet_fseft_epochs", "iterations_per_epoch": "nnUNet_fseft_iters_per_epoch"}
 
@@ -238,10 +241,13 @@ def method_trainers(methods: List[str]) -> dict:
 
 
 def benchmark(foundation: str, dataset: str, ks: List[int], repeats: int, methods: List[str], test: int,
-              out: str, fold: str = "all", device: str = "cpu") -> dict:
+              out: str, fold: str = "all", device: str = "cpu", base_organs: bool = False) -> dict:
     """Trains, predicts and scores every run not done yet; writes results.csv, results.json, report.md
     and figures in OUT. The schedule is the trainers' own, or nnUNet_fseft_epochs / _iters_per_epoch.
-    Every check (methods, device, dataset, K, foundation, the folder OUT) comes before any work."""
+    Every check (methods, device, dataset, K, foundation, the folder OUT) comes before any work.
+    `base_organs`: the task is to adapt organs the foundation segments, so a label it does not
+    segment zero-shot (or knows not at all) stops the benchmark before any training, not only a
+    warning in the report."""
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
     from nnunet_fseft.adopt import foundation_checkpoint
     from nnunet_fseft.dataset_json import read_dataset_json
@@ -273,7 +279,8 @@ def benchmark(foundation: str, dataset: str, ks: List[int], repeats: int, method
         for backup in backups:
             print(f"Kept {os.path.basename(backup).split('.bak-')[0]} (not written by a benchmark) as {backup}")
     try:
-        return _run_all(folder, foundation, fold, name, raw, images, ks, repeats, trainers, splits, device)
+        return _run_all(folder, foundation, fold, name, raw, images, ks, repeats, trainers, splits, device,
+                        base_organs)
     finally:
         restored = folder.tidy()
         if restored:
@@ -281,7 +288,7 @@ def benchmark(foundation: str, dataset: str, ks: List[int], repeats: int, method
 
 
 def _run_all(folder: OutputFolder, foundation: str, fold: str, name: str, raw: str, images: dict, ks: list,
-             repeats: int, trainers: dict, splits: list, device: str) -> dict:
+             repeats: int, trainers: dict, splits: list, device: str, base_organs: bool) -> dict:
     from nnunet_fseft.adopt import adopt
     from nnunet_fseft.costs import method_costs
     from nnunet_fseft.dataset_json import read_json
@@ -327,9 +334,17 @@ def _run_all(folder: OutputFolder, foundation: str, fold: str, name: str, raw: s
                 "trainable": cost.get("trainable"), "total": cost.get("total"), "adapter_bytes": cost.get("file_bytes"),
                 "per_label": {labels[int(l)]: v for l, v in metrics.items()}}
 
+    zero = zero_shot_scores(folder, name, plans, dataset_json, device)  # first: it can void a base-organ task
+    unlearned = unlearned_labels(zero)
+    if base_organs and (zero is None or unlearned):
+        why = f"the foundation {unlearned}" if zero is not None else "the foundation knows none of its labels"
+        raise InputError(f"{name} is no base-organ task for this foundation: {why}; train the foundation "
+                         f"longer, give another foundation, or benchmark another organ.")
+    if unlearned:
+        print(f"Warning: the foundation {unlearned}: its rows measure a novel organ, not the adaptation of a "
+              f"known one", flush=True)
     todo = run_order(ks, repeats, list(trainers))
     runs = run_pending(folder, todo, splits, device, one_run)
-    zero = zero_shot_scores(folder, name, plans, dataset_json, device)
     result = write_reports(folder, runs, zero, sorted(set(ks)), list(trainers))
     if result["failed"]:
         print(f"{len(result['failed'])} of {len(todo)} runs failed (listed in {os.path.join(folder.path, 'report.md')},"
@@ -430,6 +445,16 @@ def zero_shot_scores(folder: OutputFolder, name: str, plans: dict, dataset_json:
     return dice
 
 
+def unlearned_labels(zero: Optional[dict]) -> str:
+    """'names X but does not segment it (zero-shot Dice 0.000, below 0.05)' for the labels the
+    foundation knows by name whose zero-shot Dice is below UNLEARNED_DICE; '' when there are none."""
+    low = {label: d for label, d in (zero or {}).items() if d < UNLEARNED_DICE}
+    if not low:
+        return ""
+    return (f"names {', '.join(low)} but does not segment {'it' if len(low) == 1 else 'them'} "
+            f"(zero-shot Dice {', '.join(f'{d:.3f}' for d in low.values())}, below {UNLEARNED_DICE})")
+
+
 def write_reports(folder: OutputFolder, runs: list, zero: Optional[dict], ks: list, methods: list) -> dict:
     """results.csv, results.json, report.md and the figures in the benchmark's folder; `runs` may hold
     failed runs (a `failed` reason instead of measurements): they are listed, not scored."""
@@ -484,6 +509,9 @@ def write_reports(folder: OutputFolder, runs: list, zero: Optional[dict], ks: li
                 f"{first['peak_gpu_mib'] if first['peak_gpu_mib'] is not None else '-'} | {first['peak_host_mib']:.0f}"
                 if first else "- | - | - | - | -")
         lines.append(f"| {STEP0 if m == 'Start' else m} | " + " | ".join(cells) + f" | {cost} |")
+    if unlearned_labels(zero):
+        lines += ["", f"The foundation {unlearned_labels(zero)}: for it this is a novel-organ task, "
+                      "whatever the label's name."]
     if failed:
         lines += ["", "Failed runs (run the benchmark again to retry them; their output is in log.txt):", ""]
         lines += [f"- {r['method']} K={r['K']} repeat {r['repeat']} (fold {r['fold']}): {r['failed']}" for r in failed]

@@ -259,3 +259,22 @@ def test_a_benchmark_runs_a_users_subclass_by_its_class_name(tmp_path, monkeypat
     for bad in ("nnUNetTrainer", "Nope"):
         with pytest.raises(InputError, match=f"Unknown method '{bad}'"):
             method_trainers([bad])
+
+
+def test_the_report_says_when_the_foundation_names_an_organ_it_does_not_segment(tmp_path):
+    """Zero-shot Dice below UNLEARNED_DICE on a label the foundation knows: the report says the task is a
+    novel-organ one for this foundation; above it, the report says nothing of the kind."""
+    from nnunet_fseft.benchmark import UNLEARNED_DICE, unlearned_labels
+    folder = OutputFolder(str(tmp_path / "out"), identity())
+    folder.claim()
+    rows = [{"method": "BitFit", "K": 1, "repeat": 0, "fold": 0, "support": ["case_1"], **MEASURED,
+             "device": "cpu", "machine": {}, "versions": {}}]
+    write_reports(folder, rows, {"spleen": UNLEARNED_DICE / 2}, [1], ["BitFit"])
+    said = ("The foundation names spleen but does not segment it (zero-shot Dice 0.025, below 0.05): for it this "
+            "is a novel-organ task, whatever the label's name.")
+    assert said in (tmp_path / "out" / "report.md").read_text()
+    write_reports(folder, rows, {"spleen": 0.8}, [1], ["BitFit"])
+    assert "does not segment" not in (tmp_path / "out" / "report.md").read_text()
+    assert unlearned_labels({"spleen": 0.0, "liver": 0.9, "stomach": 0.01}) == \
+        "names spleen, stomach but does not segment them (zero-shot Dice 0.000, 0.010, below 0.05)"
+    assert unlearned_labels(None) == ""
