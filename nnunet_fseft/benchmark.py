@@ -336,10 +336,10 @@ def _run_all(folder: OutputFolder, foundation: str, fold: str, name: str, raw: s
 
     zero = zero_shot_scores(folder, name, plans, dataset_json, device)  # first: it can void a base-organ task
     unlearned = unlearned_labels(zero)
-    if base_organs and (zero is None or unlearned):
-        why = f"the foundation {unlearned}" if zero is not None else "the foundation knows none of its labels"
+    if base_organs and (not zero or unlearned):
+        why = f"the foundation {unlearned}" if zero else "the foundation knows none of its labels"
         raise InputError(f"{name} is no base-organ task for this foundation: {why}; train the foundation "
-                         f"longer, give another foundation, or benchmark another organ.")
+                         f"longer or give another one (and a new output folder), or benchmark another organ.")
     if unlearned:
         print(f"Warning: the foundation {unlearned}: its rows measure a novel organ, not the adaptation of a "
               f"known one", flush=True)
@@ -439,6 +439,9 @@ def zero_shot_scores(folder: OutputFolder, name: str, plans: dict, dataset_json:
             return dice
     with quiet(folder.log):
         dice, _ = zeroshot(name, PLANS, 0, os.path.join(folder.path, "predictions", "zero_shot"), device, False)
+    if device == "cuda":  # it runs before the trainings now: leave them the GPU memory it cached
+        import torch
+        torch.cuda.empty_cache()
     with open(folder.replace("zero_shot.json"), "w") as f:
         json.dump(dice, f)
     folder.wrote("zero_shot.json")
