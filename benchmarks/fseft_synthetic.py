@@ -5,7 +5,8 @@ novel-organ task, K = 1, 5, 10, repeats, every method (or --methods).
    nnUNetv2_train as the demo trains it (or --foundation MODEL_FOLDER);
 2. two targets on another scanner (B): a base organ the foundation knows (default spleen; the
    report adds the zero-shot row, and the script stops before any of its training when the foundation
-   does not segment that organ zero-shot: run it again with another --organ, or --tasks novel), and pancreas, a novel, low-contrast organ placed by its neighbours;
+   does not segment that organ zero-shot: run it again with another --organ, or --tasks novel), and
+   pancreas, a novel, low-contrast organ placed by its neighbours;
 3. `nnunet_fseft.benchmark.benchmark` for each: adopt, K-shot folds, nnUNetv2_train,
    nnUNetv2_predict on the same held-out scans (also the query volumes of transductive methods),
    nnU-Net's evaluator, report and figures.

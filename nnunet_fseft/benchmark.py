@@ -512,9 +512,9 @@ def write_reports(folder: OutputFolder, runs: list, zero: Optional[dict], ks: li
                 f"{first['peak_gpu_mib'] if first['peak_gpu_mib'] is not None else '-'} | {first['peak_host_mib']:.0f}"
                 if first else "- | - | - | - | -")
         lines.append(f"| {STEP0 if m == 'Start' else m} | " + " | ".join(cells) + f" | {cost} |")
-    if unlearned_labels(zero):
-        lines += ["", f"The foundation {unlearned_labels(zero)}: for it this is a novel-organ task, "
-                      "whatever the label's name."]
+    unlearned = unlearned_labels(zero)
+    if unlearned:
+        lines += ["", f"The foundation {unlearned}: for it this is a novel-organ task, whatever the label's name."]
     if failed:
         lines += ["", "Failed runs (run the benchmark again to retry them; their output is in log.txt):", ""]
         lines += [f"- {r['method']} K={r['K']} repeat {r['repeat']} (fold {r['fold']}): {r['failed']}" for r in failed]

@@ -68,7 +68,7 @@ def test_benchmark_writes_every_file_and_resumes(foundation, workspace, tmp_path
 
 
 def test_a_base_organ_task_stops_before_training_when_the_foundation_does_not_segment_the_organ(
-        foundation, workspace, tmp_path, monkeypatch, capsys):
+        foundation, workspace, tmp_path, monkeypatch):
     """A short foundation training can name an organ and never learn it (it happened to one of the
     benchmark's foundations with the spleen): a base-organ benchmark then measures a novel organ.
     The real zero-shot prediction runs; the bar is raised above any Dice so that this tiny foundation
