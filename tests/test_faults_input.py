@@ -171,7 +171,7 @@ def test_the_next_adopt_undoes_or_finishes_what_a_killed_one_left(tmp_path, stag
     dataset.json is kept as a backup. Files of an adopt still running, or of another host's (which
     may be running), are left alone."""
     from nnunet_fseft.adopt import SWAPPED_DATA_KEY, _remove_leftovers, _Scratch
-    folder = tmp_path / "Dataset501_X"
+    folder = tmp_path / "Dataset591_Adopted"
     (folder / "P_3d_fullres").mkdir(parents=True)
     (folder / "P_3d_fullres" / "old.npz").write_text("old data")
     (folder / "P.json").write_text('{"old": "plans"}')
