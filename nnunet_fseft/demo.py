@@ -24,7 +24,7 @@ SHAPE = 40
 K = 1
 # (epochs, iterations per epoch). CPU: the budget of a 2-core laptop; CUDA: a few minutes on a GPU.
 # The CPU foundation learns its organs one at a time; at 30 epochs the last came in the final few
-# and one of four trainings never learned the spleen, at 60 each of two had all five by epoch 25
+# and one of four trainings never learned the spleen, at 60 each of two had all five by epoch 23
 # (benchmarks/results/fseft_synthetic_cpu.md, "The benchmark's foundation at 60 epochs").
 SCHEDULES = {
     "cpu": {"foundation": (60, 20), "finetune": (25, 20)},
