@@ -65,6 +65,9 @@ def test_spatial_adapter_with_transductive_inference(workspace, base_target, tmp
             "'Liver' (2) <- foundation 'liver' (1), 'Kidney_R' (3) <- foundation 'kidney_right' (4), "
             "'left kidney' (4) <- foundation 'kidney_left' (3); new: none") in log
     assert "Size prior (mm^3, from 1 support volumes): lien " in log
+    # every label known: training is held to the zero-shot segmentation (nnunet_fseft/anchor.py)
+    assert ("zero-shot anchor: the start's segmentation of 'lien', 'Liver', 'Kidney_R', 'left kidney' is one more "
+            "annotation of each patch, weighted 1 (1 / K)") in log
     assert "Caching the features of 2 query volumes" in log
     hinges = [float(line.rsplit(":", 1)[1]) for line in log.splitlines() if "size hinge on query volumes" in line]
     assert len(hinges) == 2 and all(np.isfinite(hinges))

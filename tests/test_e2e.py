@@ -44,6 +44,9 @@ def test_lora_training_loads_foundation_and_trains_only_adapters(lora_run, found
     folder, log = lora_run
     assert "Loaded foundation" in log
     assert "imprinted from the support set: 'pancreas' (" in log  # the novel organ's start
+    # a new organ only: the foundation has no segmentation of it to hold training to (nnunet_fseft/anchor.py)
+    assert "zero-shot anchor: off, no target label is one the foundation knows" in log
+    assert (folder / "fold_0" / "zero_shot_anchor.pth").is_file()  # what --c reads
     assert f"{LORA}: training " in log and " parameters (" in log
     assert_foundation_untouched(folder / "fold_0" / "checkpoint_final.pth", foundation)
     summary = json.load(open(folder / "fold_0" / "validation" / "summary.json"))
@@ -147,6 +150,7 @@ def test_resume_continues_from_checkpoint(lora_run, target, tmp_path):
     p = run(["nnUNetv2_train", target, "3d_fullres", "0", "-p", "FSEFTPlans", "-tr", LORA, "-device", "cpu", "--c"],
             env={**env, "nnUNet_fseft_epochs": "3"})
     assert "Loaded foundation" not in p.stdout  # weights come from our checkpoint
+    assert "zero-shot anchor: off" in p.stdout  # as the training it continues
     ckpt = read_checkpoint(str(folder / "fold_0" / "checkpoint_final.pth"))
     assert ckpt["current_epoch"] == 3
     assert ckpt["logging"]["train_losses"][:2] == before[:2] and len(ckpt["logging"]["train_losses"]) == 3

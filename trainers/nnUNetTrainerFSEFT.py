@@ -23,9 +23,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.helpers import dummy_context
 
 from nnunet_fseft.anatomy import anatomy
+from nnunet_fseft.anchor import AnchoredLoss, ZeroShotAnchor, anchor_groups
 from nnunet_fseft.errors import InputError
 from nnunet_fseft.fold import fold_seg_layers, is_folded, width
 from nnunet_fseft.foundation import architecture_trainer, load_foundation, read_checkpoint, recorded_foundation, unwrap
@@ -96,6 +99,9 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
     # The foundation's classes the target lacks are folded into background (nnunet_fseft/fold.py), so
     # that step 0 predicts exactly the zero-shot segmentation; False: a plain head (mergeable).
     fold_unmatched = True
+    # Zero-shot anchor (nnunet_fseft/anchor.py): for the labels the foundation knows, the start's (zero-shot)
+    # segmentation of each patch is one more annotation, weighted anchor_weight / K; 0 trains without it.
+    anchor_weight = 1.0
     # Support set, patch sampling and augmentation on the training device (nnunet_fseft/gpu_data.py);
     # nnUNet_fseft_gpu_data=1 / 0 overrides.
     gpu_data = False
@@ -115,6 +121,8 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
         self._restoring = False  # set by load_checkpoint: weights come from our checkpoint
         self._inject_on_train_start = False
         self._before_pretrained = None
+        self.known_labels = []  # target labels whose head rows start from the foundation's (initialise_head)
+        self.anchor = None
         if self.foundation is not None and self.foundation["configuration"] != configuration:
             raise InputError(f"The foundation in these plans was adopted for configuration "
                              f"'{self.foundation['configuration']}', not '{configuration}'; train that "
@@ -237,6 +245,7 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
         self.print_to_log_file(message)
         heads = self.new_heads(network)
         known = {t for t, _ in rows}
+        self.known_labels = sorted(known)
         novel = [v for n, v in labels.items() if isinstance(v, int) and v != 0 and n != "ignore" and v not in known]
         new_rows = {c: c for c in novel}
         if rows and is_folded(heads[0]):  # the whole foundation head, then the labels it does not know
@@ -332,7 +341,50 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
         if self.schedule is not None:  # the learning rate moves per step, not per epoch
             self.lr_scheduler.at_step(self.current_epoch * self.num_iterations_per_epoch + self._step_in_epoch)
             self._step_in_epoch += 1
+        if self.anchor is not None:  # the step-0 prediction of this batch, for the loss's penalty
+            data = batch["data"].to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+                self.anchor.predict_start(self.network, data)
+            batch = {**batch, "data": data}
         return super().train_step(batch)
+
+    @property
+    def anchor_file(self) -> str:
+        # kept after training: `--c` with more epochs continues a finished training too
+        return os.path.join(self.output_folder, "zero_shot_anchor.pth")
+
+    def start_anchor(self) -> None:
+        """The zero-shot anchor from this training's start; on --c, from the file that start wrote
+        (the network has moved since). Off where no target label is known to the foundation."""
+        if not self.anchor_weight or self.current_epoch >= self.num_epochs:
+            return
+        if self.current_epoch == 0:
+            groups = None if self.label_manager.has_regions else anchor_groups(self.dataset_json["labels"],
+                                                                                 self.known_labels)
+            start = None
+        else:
+            if not os.path.isfile(self.anchor_file):
+                raise InputError(f"Training resumes at epoch {self.current_epoch} but {self.anchor_file}, the start "
+                                 f"its zero-shot anchor holds to, is missing; train this fold again without --c.")
+            saved = torch.load(self.anchor_file, map_location=self.device, weights_only=True)
+            groups, start = saved["groups"], saved["start"]
+        anchor = None
+        if groups:  # scored as the labels are: nnU-Net's soft Dice and deep-supervision weights
+            dice = MemoryEfficientSoftDiceLoss(batch_dice=self.configuration_manager.batch_dice, do_bg=False,
+                                               smooth=1e-5, ddp=self.is_ddp)
+            anchor = ZeroShotAnchor(unwrap(self.network), groups, self.anchor_weight / len(self.do_split()[0]), dice,
+                                    getattr(self.loss, "weight_factors", (1.0,)), start)
+        if self.current_epoch == 0 and self.local_rank == 0:
+            os.makedirs(self.output_folder, exist_ok=True)
+            torch.save({"groups": groups, "start": anchor.start if anchor else []}, self.anchor_file)
+        if anchor is None:
+            self.print_to_log_file("zero-shot anchor: off, no target label is one the foundation knows")
+            return
+        self.anchor = anchor
+        self.loss = AnchoredLoss(self.loss, anchor)
+        names = {v: n for n, v in self.dataset_json["labels"].items() if isinstance(v, int)}
+        self.print_to_log_file(f"zero-shot anchor: the start's segmentation of {', '.join(repr(names[g[0]]) for g in groups[1:])} "
+                               f"is one more annotation of each patch, weighted {anchor.weight:g} (1 / K)")
 
     def on_train_epoch_start(self):
         self._step_in_epoch = 0
@@ -359,6 +411,7 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
         self.lr_scheduler = WarmupCosine(self.optimizer, self.initial_lr, self.schedule)
         if self.current_epoch and self.has_plateaued():  # --c after an early stop: nothing left to train
             self.num_epochs = self.current_epoch
+        self.start_anchor()
         trainable, total = count_parameters(unwrap(self.network))
         self.print_to_log_file(f"{self.__class__.__name__}: training {trainable:,} of {total:,} parameters "
                                f"({100 * trainable / total:.2f}%)")

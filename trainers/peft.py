@@ -6,6 +6,8 @@ Learning rates: benchmarks/lr_sweep.py at the trainers' own schedule, K = 1, on 
 novel-organ task (benchmarks/results/lr_sweep_cpu.md). Per family, the rate with the best mean Dice
 over both tasks among those that kept the base organ within 0.01 of zero-shot (do no harm first).
 Unswept methods take their family's rate; `DecoderFT_lr1e3` is the named exception for a novel organ with one scan.
+The rates were swept before the zero-shot anchor (nnunet_fseft/anchor.py), which every method now has for the
+labels the foundation knows; they were not swept again with it.
 """
 from nnunet_fseft.trainers.blackbox import nnUNetTrainerFSEFT_BlackBox
 from nnunet_fseft.trainers.nnUNetTrainerFSEFT import nnUNetTrainerFSEFT

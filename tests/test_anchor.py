@@ -1,0 +1,125 @@
+"""The zero-shot anchor (nnunet_fseft/anchor.py): its classes, its penalty, and its life in a trainer."""
+import copy
+import os
+
+import pytest
+import torch
+from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+from nnunet_fseft.anatomy import anatomy
+from nnunet_fseft.anchor import AnchoredLoss, ZeroShotAnchor, anchor_groups, merged_log_probs
+from nnunet_fseft.errors import InputError
+from test_methods import adapted, lora_trainer, one_sentence, outputs, perturb, tiny_batch
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def test_known_labels_are_held_each_on_its_own_and_the_rest_together():
+    labels = {"background": 0, "liver": 1, "pancreas": 2, "spleen": 3}
+    assert anchor_groups(labels, [0, 1, 3]) == [[0, 2], [1], [3]]
+    assert anchor_groups(labels, [0]) is None  # only new organs: the foundation has no opinion to hold
+
+
+def test_merged_probabilities_sum_within_groups():
+    logits = torch.randn(2, 4, 3, 3, 3)
+    p = torch.softmax(logits, 1)
+    merged = merged_log_probs(logits, [[0, 2], [1], [3]]).exp()
+    torch.testing.assert_close(merged[:, 0], p[:, 0] + p[:, 2])
+    torch.testing.assert_close(merged.sum(1), torch.ones(2, 3, 3, 3))
+
+
+def lora_anchor(weight=1.0):
+    _, net, x = adapted("plain3d", "nnUNetTrainerFSEFT_LoRA")
+    dice = MemoryEfficientSoftDiceLoss(batch_dice=True, do_bg=False, smooth=1e-5, ddp=False)
+    return net, x, ZeroShotAnchor(net, [[0, 1], [2]], weight, dice, output_weights=(1.0, 0.0))
+
+
+def start_segmentation(net, anchor, x):
+    with torch.no_grad():
+        return merged_log_probs(outputs(net, x)[0], anchor.groups).argmax(1)
+
+
+def test_the_start_segmentation_is_the_start_networks_and_only_trained_parameters_learn_from_it():
+    net, x, anchor = lora_anchor()
+    start = copy.deepcopy(net)
+    perturb(net)  # as if trained
+    trained = {n: p.detach().clone() for n, p in net.named_parameters()}
+    anchor.predict_start(net, x)
+    assert all(torch.equal(p, trained[n]) for n, p in net.named_parameters())  # set back after the start's forward
+    assert torch.equal(anchor._targets[0], start_segmentation(start, anchor, x))
+    assert anchor._targets[1] is None  # an output of weight 0 is not scored
+    penalty = anchor.penalty(outputs(net, x))
+    penalty.backward()
+    assert all(p.grad is None for p in net.parameters() if not p.requires_grad)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+    assert anchor.penalty(outputs(net, x)) == 0.0  # no start segmentation for this batch (validation): no penalty
+
+
+def test_training_on_the_penalty_alone_leads_back_to_the_start_segmentation():
+    net, x, anchor = lora_anchor()
+    start = start_segmentation(net, anchor, x)
+    perturb(net)
+    with torch.no_grad():
+        net.get_submodule(anatomy(net).head[-1]).bias[2] += 3.0  # the moved network over-segments label 2
+    before = (start_segmentation(net, anchor, x) == start).float().mean()
+    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(30):
+        anchor.predict_start(net, x)
+        optimizer.zero_grad()
+        anchor.penalty(outputs(net, x)).backward()
+        optimizer.step()
+    assert before < 0.9 and (start_segmentation(net, anchor, x) == start).float().mean() > before + 0.05
+
+
+def test_voxels_outside_the_volume_are_left_out():
+    net, x, anchor = lora_anchor()
+    perturb(net)
+    labels = [torch.zeros(2, 1, 16, 16, 16), torch.zeros(2, 1, 8, 8, 8)]
+    outside = [torch.full_like(y, -1.0) for y in labels]
+    for y in outside:
+        y[:, :, :2] = 0  # a slab inside
+    anchor.predict_start(net, x)
+    full = anchor.penalty(outputs(net, x), labels)
+    anchor.predict_start(net, x)
+    part = anchor.penalty(outputs(net, x), outside)
+    assert torch.isfinite(part) and part != full
+
+
+def trainer_at(tmp_path, monkeypatch, epoch: int):
+    trainer = lora_trainer(tmp_path, monkeypatch, nan_foundation=False)
+    trainer.known_labels = [0, 2]  # the foundation knows the spleen, not the liver
+    trainer.do_split = lambda: (["case_0"], ["case_1"])  # K = 1
+    trainer.current_epoch = epoch
+    return trainer
+
+
+def test_a_trainer_holds_the_known_labels_and_resumes_from_the_start_it_wrote(tmp_path, monkeypatch):
+    trainer = trainer_at(tmp_path, monkeypatch, 0)
+    trainer.start_anchor()
+    assert isinstance(trainer.loss, AnchoredLoss) and trainer.anchor.groups == [[0, 1], [2]]
+    assert trainer.anchor.weight == trainer.anchor_weight  # divided by K = 1
+    assert trainer.anchor.output_weights == list(trainer.loss.loss.weight_factors)  # scored as the labels are
+    start = [s.clone() for s in trainer.anchor.start]
+    steps = [trainer.train_step(tiny_batch(i)) for i in range(2)]
+    assert all(torch.isfinite(torch.as_tensor(s["loss"])) for s in steps)
+
+    resumed = trainer_at(tmp_path, monkeypatch, 1)  # --c: the network has moved; the start is the file's
+    with torch.no_grad():
+        for p in resumed.network.parameters():
+            p.add_(0.1)
+    resumed.start_anchor()
+    assert all(torch.equal(a, b) for a, b in zip(resumed.anchor.start, start))
+
+    os.remove(trainer.anchor_file)
+    with pytest.raises(InputError, match="zero-shot anchor holds to, is missing; train this fold again") as e:
+        trainer_at(tmp_path, monkeypatch, 1).start_anchor()
+    assert one_sentence(str(e.value))
+
+
+@pytest.mark.parametrize("known, weight", [([0], 1.0), ([0, 1, 2], 0.0)])
+def test_no_anchor_for_new_organs_only_or_a_weight_of_zero(known, weight, tmp_path, monkeypatch):
+    trainer = trainer_at(tmp_path, monkeypatch, 0)
+    trainer.known_labels, trainer.anchor_weight = known, weight
+    loss = trainer.loss
+    trainer.start_anchor()
+    assert trainer.anchor is None and trainer.loss is loss
