@@ -46,8 +46,10 @@ class ZeroShotAnchor:
     segmentation. `dice` is nnU-Net's soft Dice loss without background (channel 0: the rest)."""
 
     def __init__(self, network: nn.Module, groups: List[List[int]], weight: float, dice: nn.Module,
-                 output_weights: Sequence[float] = (1.0,), start: Optional[List[torch.Tensor]] = None):
+                 output_weights: Sequence[float] = (1.0,), start: Optional[List[torch.Tensor]] = None,
+                 ignore_label: Optional[int] = None):
         self.params = [p for p in network.parameters() if p.requires_grad]
+        self.buffers = list(network.buffers())  # BatchNorm's running statistics: the start's forward must not move them
         self.start = [p.detach().clone() for p in self.params] if start is None else start
         if [s.shape for s in self.start] != [p.shape for p in self.params]:
             raise ValueError("the anchor's start values do not match the network's trained parameters")
@@ -55,12 +57,14 @@ class ZeroShotAnchor:
         self.weight = weight
         self.dice = dice
         self.output_weights = list(output_weights)
+        self.ignore_label = ignore_label
         self._targets = None
 
     @torch.no_grad()
     def predict_start(self, forward: Callable, data: torch.Tensor) -> None:
         """The start's segmentation of this batch (every output used), for the next `penalty`."""
         current = [p.detach().clone() for p in self.params]
+        buffers = [b.clone() for b in self.buffers]
         for p, s in zip(self.params, self.start):
             p.copy_(s)
         try:
@@ -68,13 +72,15 @@ class ZeroShotAnchor:
         finally:
             for p, c in zip(self.params, current):
                 p.copy_(c)
+            for b, c in zip(self.buffers, buffers):
+                b.copy_(c)
         self._targets = [merged_log_probs(o, self.groups).argmax(1) if w else None
                          for o, w in zip(as_list(output), self.output_weights)]
 
     def penalty(self, output, labels=None) -> torch.Tensor:
         """The loss against the start's segmentation of the batch `predict_start` saw; 0 without one
-        (validation batches). Voxels whose label is negative (outside the volume, in a black-box
-        method's cached-feature patches) are left out, as the label loss leaves them out."""
+        (validation batches). The voxels the label loss leaves out are left out: those labelled
+        -1 (outside the volume, in a black-box method's cached-feature patches) or `ignore_label`."""
         targets, self._targets = self._targets, None
         if targets is None:
             return 0.0
@@ -84,7 +90,8 @@ class ZeroShotAnchor:
             if not w:
                 continue
             log_p = merged_log_probs(o, self.groups)
-            inside = None if y is None or not (y < 0).any() else (y >= 0)
+            inside = None if y is None else (y >= 0) if self.ignore_label is None else (y >= 0) & (y != self.ignore_label)
+            inside = None if inside is None or inside.all() else inside
             if inside is None:
                 total = total + w * (F.nll_loss(log_p, t) + self.dice(log_p.exp(), t[:, None]))
             else:

@@ -8,8 +8,7 @@ from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
 from nnunet_fseft.anatomy import anatomy
 from nnunet_fseft.anchor import AnchoredLoss, ZeroShotAnchor, anchor_groups, merged_log_probs
-from nnunet_fseft.errors import InputError
-from test_methods import adapted, lora_trainer, one_sentence, outputs, perturb, tiny_batch
+from test_methods import adapted, lora_trainer, outputs, perturb, tiny_batch
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -71,18 +70,37 @@ def test_training_on_the_penalty_alone_leads_back_to_the_start_segmentation():
     assert before < 0.9 and (start_segmentation(net, anchor, x) == start).float().mean() > before + 0.05
 
 
-def test_voxels_outside_the_volume_are_left_out():
+@pytest.mark.parametrize("left_out, ignore_label", [(-1, None), (3, 3)])
+def test_the_voxels_the_label_loss_leaves_out_are_left_out(left_out, ignore_label):
+    """-1: outside the volume in cached-feature patches; the ignore label: voxels nobody annotated."""
     net, x, anchor = lora_anchor()
+    anchor.ignore_label = ignore_label
     perturb(net)
     labels = [torch.zeros(2, 1, 16, 16, 16), torch.zeros(2, 1, 8, 8, 8)]
-    outside = [torch.full_like(y, -1.0) for y in labels]
-    for y in outside:
-        y[:, :, :2] = 0  # a slab inside
-    anchor.predict_start(net, x)
-    full = anchor.penalty(outputs(net, x), labels)
-    anchor.predict_start(net, x)
-    part = anchor.penalty(outputs(net, x), outside)
-    assert torch.isfinite(part) and part != full
+    slab = [y.clone() for y in labels]
+    for y in slab:
+        y[:, :, 2:] = left_out  # only a slab is scored
+
+    def penalty(y, output):
+        anchor.predict_start(net, x)
+        return anchor.penalty(output, y)
+
+    output = outputs(net, x)
+    other = [o.clone() for o in output]
+    for o in other:
+        o[:, :, 2:] = torch.randn_like(o[:, :, 2:])  # differs only where the slab's labels are left out
+    assert penalty(labels, output) != penalty(labels, other)
+    torch.testing.assert_close(penalty(slab, output), penalty(slab, other), atol=1e-6, rtol=0)
+
+
+def test_the_start_forward_leaves_batchnorm_statistics_as_they_were():
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.BatchNorm3d(4), torch.nn.Conv3d(4, 3, 1))
+    net[0].weight.requires_grad_(False)
+    net.train()
+    anchor = ZeroShotAnchor(net, [[0, 1], [2]], 1.0, MemoryEfficientSoftDiceLoss(do_bg=False, ddp=False))
+    before = [b.clone() for b in net.buffers()]
+    anchor.predict_start(net, torch.randn(2, 1, 8, 8, 8))
+    assert all(torch.equal(a, b) for a, b in zip(before, net.buffers()))
 
 
 def trainer_at(tmp_path, monkeypatch, epoch: int):
@@ -110,10 +128,13 @@ def test_a_trainer_holds_the_known_labels_and_resumes_from_the_start_it_wrote(tm
     resumed.start_anchor()
     assert all(torch.equal(a, b) for a, b in zip(resumed.anchor.start, start))
 
-    os.remove(trainer.anchor_file)
-    with pytest.raises(InputError, match="zero-shot anchor holds to, is missing; train this fold again") as e:
-        trainer_at(tmp_path, monkeypatch, 1).start_anchor()
-    assert one_sentence(str(e.value))
+    os.remove(trainer.anchor_file)  # a training begun before the anchor existed: --c continues it without one
+    old = trainer_at(tmp_path, monkeypatch, 1)
+    loss = old.loss
+    old.start_anchor()
+    assert old.anchor is None and old.loss is loss
+    with open(old.log_file) as f:
+        assert "zero_shot_anchor.pth is missing, so --c continues this training as it began, without one" in f.read()
 
 
 @pytest.mark.parametrize("known, weight", [([0], 1.0), ([0, 1, 2], 0.0)])

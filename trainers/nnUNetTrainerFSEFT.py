@@ -355,30 +355,35 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
 
     def start_anchor(self) -> None:
         """The zero-shot anchor from this training's start; on --c, from the file that start wrote
-        (the network has moved since). Off where no target label is known to the foundation."""
+        (the network has moved since). Off where no target label is known to the foundation, and on
+        --c of a training begun before the anchor existed (no file)."""
         if not self.anchor_weight or self.current_epoch >= self.num_epochs:
             return
         if self.current_epoch == 0:
             groups = None if self.label_manager.has_regions else anchor_groups(self.dataset_json["labels"],
                                                                                  self.known_labels)
             start = None
+            off = ("regions have no one label per voxel to hold" if self.label_manager.has_regions else
+                   "no target label is one the foundation knows")
+        elif not os.path.isfile(self.anchor_file):  # a training started before the anchor existed
+            groups, start = None, None
+            off = f"{self.anchor_file} is missing, so --c continues this training as it began, without one"
         else:
-            if not os.path.isfile(self.anchor_file):
-                raise InputError(f"Training resumes at epoch {self.current_epoch} but {self.anchor_file}, the start "
-                                 f"its zero-shot anchor holds to, is missing; train this fold again without --c.")
             saved = torch.load(self.anchor_file, map_location=self.device, weights_only=True)
             groups, start = saved["groups"], saved["start"]
+            off = "as in the training this continues"
         anchor = None
         if groups:  # scored as the labels are: nnU-Net's soft Dice and deep-supervision weights
             dice = MemoryEfficientSoftDiceLoss(batch_dice=self.configuration_manager.batch_dice, do_bg=False,
                                                smooth=1e-5, ddp=self.is_ddp)
             anchor = ZeroShotAnchor(unwrap(self.network), groups, self.anchor_weight / len(self.do_split()[0]), dice,
-                                    getattr(self.loss, "weight_factors", (1.0,)), start)
+                                    getattr(self.loss, "weight_factors", (1.0,)), start,
+                                    self.label_manager.ignore_label if self.label_manager.has_ignore_label else None)
         if self.current_epoch == 0 and self.local_rank == 0:
             os.makedirs(self.output_folder, exist_ok=True)
             torch.save({"groups": groups, "start": anchor.start if anchor else []}, self.anchor_file)
         if anchor is None:
-            self.print_to_log_file("zero-shot anchor: off, no target label is one the foundation knows")
+            self.print_to_log_file(f"zero-shot anchor: off, {off}")
             return
         self.anchor = anchor
         self.loss = AnchoredLoss(self.loss, anchor)
