@@ -90,14 +90,12 @@ class ZeroShotAnchor:
             if not w:
                 continue
             log_p = merged_log_probs(o, self.groups)
-            inside = None if y is None else (y >= 0) if self.ignore_label is None else (y >= 0) & (y != self.ignore_label)
-            inside = None if inside is None or inside.all() else inside
-            if inside is None:
-                total = total + w * (F.nll_loss(log_p, t) + self.dice(log_p.exp(), t[:, None]))
-            else:
-                t = torch.where(inside[:, 0], t, -1)
-                total = total + w * (F.nll_loss(log_p, t, ignore_index=-1) +
-                                     self.dice(log_p.exp(), t.clamp(min=0)[:, None], loss_mask=inside.float()))
+            mask = None  # no data-dependent branch: no device sync per step
+            if y is not None:
+                mask = (y >= 0) if self.ignore_label is None else (y >= 0) & (y != self.ignore_label)
+                t = torch.where(mask[:, 0], t, -1)
+            dice = self.dice(log_p.exp(), t.clamp(min=0)[:, None], loss_mask=None if mask is None else mask.float())
+            total = total + w * (F.nll_loss(log_p, t, ignore_index=-1) + dice)
         return self.weight * total
 
 
