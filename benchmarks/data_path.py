@@ -1,7 +1,7 @@
 """Iterations per second of LoRA training fed three ways, side by side in one run:
 
 - cpu:     nnU-Net's own data path (batchgeneratorsv2 augmentation in nnUNet_n_proc_DA workers);
-- gpu:     the GPU data path (nnunet_fseft/gpu_data.py: support set, crops and augmentation on the device);
+- gpu:     the GPU data path (nnunet_fseft/training/gpu_data/loader.py: support set, crops and augmentation on the device);
 - premade: batches made once before timing and kept on the device (no data loading at all: the limit).
 
 It builds its own workspace: a synthetic CT-like foundation dataset and a K-shot target at --shape,
@@ -19,6 +19,7 @@ import os
 import platform
 import time
 
+from nnunet_fseft.plans import PLANS_NAME
 from nnunet_fseft.runner import run
 
 FOUNDATION_ID, TARGET_ID = "900", "901"
@@ -54,7 +55,7 @@ def prepare(args):
 def trainer_for(mode: str, device):
     from nnunetv2.run.run_training import get_trainer_from_args
     os.environ["nnUNet_fseft_gpu_data"] = "1" if mode == "gpu" else "0"
-    trainer = get_trainer_from_args(TARGET_ID, "3d_fullres", 0, "nnUNetTrainerFSEFT_LoRA", "FSEFTPlans", device=device)
+    trainer = get_trainer_from_args(TARGET_ID, "3d_fullres", 0, "nnUNetTrainerFSEFT_LoRA", PLANS_NAME, device=device)
     trainer.initialize()
     trainer.network.train()
     return trainer

@@ -15,7 +15,7 @@ import os
 
 def curves(benchmark: str, method: str, k: int) -> list:
     """(repeat, seconds from the first epoch's start, pseudo-Dice) per finished run of `method` at K."""
-    from nnunet_fseft.foundation import read_checkpoint
+    from nnunet_fseft.foundation.record import read_checkpoint
     manifest = json.load(open(os.path.join(benchmark, "benchmark.json")))
     dataset = manifest["identity"]["dataset"]
     rows = [json.loads(line) for line in open(os.path.join(benchmark, "runs.jsonl"))]

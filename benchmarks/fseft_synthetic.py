@@ -7,7 +7,7 @@ novel-organ task, K = 1, 5, 10, repeats, every method (or --methods).
    report adds the zero-shot row, and the script stops before any of its training when the foundation
    does not segment that organ zero-shot: run it again with another --organ, or --tasks novel), and
    pancreas, a novel, low-contrast organ placed by its neighbours;
-3. `nnunet_fseft.benchmark.benchmark` for each: adopt, K-shot folds, nnUNetv2_train,
+3. `nnunet_fseft.experiments.benchmark.runs.benchmark` for each: adopt, K-shot folds, nnUNetv2_train,
    nnUNetv2_predict on the same held-out scans (also the query volumes of transductive methods),
    nnU-Net's evaluator, report and figures.
 Resumable: run it again and finished runs are skipped. Writes WORKDIR/{base,novel}/ and one
@@ -15,7 +15,7 @@ combined report (--report, figures copied beside it).
 
     python benchmarks/fseft_synthetic.py --workdir /tmp/fseft_bench --device cuda
     python benchmarks/fseft_synthetic.py --workdir /tmp/fb --k 1 --repeats 3 --methods LoRA FullFT \\
-        --report benchmarks/results/fseft_synthetic_cpu.md
+        --report /tmp/fb/report.md
     (--schedule EPOCHS ITERS fixes every run's length instead of the trainers' own schedule)
 """
 import argparse
@@ -23,7 +23,7 @@ import os
 import platform
 import shutil
 
-from nnunet_fseft.demo import BASE_ORGANS, NOVEL_ORGAN, SHAPE, Demo
+from nnunet_fseft.experiments.demo import BASE_ORGANS, Demo, NOVEL_ORGAN, SHAPE
 
 TASKS = ("base", "novel")
 
@@ -63,8 +63,9 @@ def parser(description=__doc__, tasks=TASKS, methods=None, ks=(1, 5, 10)) -> arg
 
 
 def main(args=None):
-    from nnunet_fseft.benchmark import benchmark, machine
-    from nnunet_fseft.synth import synth_dataset
+    from nnunet_fseft.experiments.benchmark.runs import benchmark
+    from nnunet_fseft.experiments.benchmark.protocol import machine
+    from nnunet_fseft.datasets.synth import synth_dataset
 
     args = args or parser().parse_args()
     d = Demo(args.workdir, args.device)

@@ -22,7 +22,7 @@ import platform
 import numpy as np
 
 from fseft_synthetic import TASKS, task_dataset
-from nnunet_fseft.demo import SHAPE
+from nnunet_fseft.experiments.demo import SHAPE
 
 # One method per family of the issue: full, decoder, low-capacity PEFT, LoRA/adapters, black-box, _DecoderFT
 SWEEP = {"FullFT": (1e-4, 3e-4, 1e-3), "DecoderFT": (1e-4, 3e-4, 1e-3), "BitFit": (1e-3, 3e-3, 1e-2),
@@ -63,10 +63,11 @@ def parse_sweep(items) -> dict:
 
 
 def main():
-    from nnunet_fseft.benchmark import benchmark, machine
-    from nnunet_fseft.demo import Demo
+    from nnunet_fseft.experiments.benchmark.runs import benchmark
+    from nnunet_fseft.experiments.benchmark.protocol import machine
+    from nnunet_fseft.experiments.demo import Demo
     from nnunet_fseft.discovery import ENV_VAR
-    from nnunet_fseft.synth import synth_dataset
+    from nnunet_fseft.datasets.synth import synth_dataset
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", required=True)

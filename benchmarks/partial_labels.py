@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from nnunet_fseft.demo import BASE_ORGANS, SCHEDULES, SHAPE, Demo
+from nnunet_fseft.experiments.demo import BASE_ORGANS, Demo, SCHEDULES, SHAPE
 
 SOURCES = {111: ["liver", "spleen"], 112: ["kidney_left", "kidney_right", "stomach"],
            113: ["stomach", "liver", "kidney_left"]}
@@ -41,10 +41,10 @@ def main():
     ap.add_argument("--finetune", type=int, nargs=2, default=[3, 100], help="epochs and iterations per epoch")
     args = ap.parse_args()
 
-    from nnunet_fseft.benchmark import benchmark
-    from nnunet_fseft.combine import combine
-    from nnunet_fseft.plans_presets import apply_preset
-    from nnunet_fseft.synth import synth_dataset
+    from nnunet_fseft.experiments.benchmark.runs import benchmark
+    from nnunet_fseft.datasets.combine import combine
+    from nnunet_fseft.plans.presets import apply_preset
+    from nnunet_fseft.datasets.synth import synth_dataset
 
     d = Demo(args.workdir, args.device)
     raw, results = os.environ["nnUNet_raw"], os.environ["nnUNet_results"]

@@ -25,9 +25,9 @@ from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-from nnunet_fseft.adapter_file import safetensors_bytes, trained_tensors
-from nnunet_fseft.blackbox import build_black_box
-from nnunet_fseft.parameters import count_parameters
+from nnunet_fseft.network.black_box import build_black_box
+from nnunet_fseft.network.parameters import count_parameters
+from nnunet_fseft.sharing.adapter_file import safetensors_bytes, trained_tensors
 from nnunet_fseft.trainers import METHODS as TRAINERS
 from nnunet_fseft.trainers.blackbox import nnUNetTrainerFSEFT_BlackBox
 from nnunet_fseft.tuners.registry import merge_tuner

@@ -6,6 +6,7 @@ import sys
 import numpy as np
 
 from nnunet_fseft.errors import InputError
+from nnunet_fseft.plans import PLANS_NAME
 
 
 def cmd_env(args):
@@ -18,14 +19,14 @@ def cmd_env(args):
 
 
 def cmd_adopt(args):
-    from nnunet_fseft.adopt import adopt
+    from nnunet_fseft.foundation.adopt import adopt
     path, configuration = adopt(args.foundation, args.d, args.fold, args.checkpoint, args.plans_name, args.np)
     print(f"Wrote {path}; fine-tune with: nnUNetv2_train {args.d} {configuration} FOLD -p {args.plans_name} "
           f"-tr nnUNetTrainerFSEFT_LoRA")
 
 
 def cmd_kshot(args):
-    from nnunet_fseft.kshot import write_kshot_splits
+    from nnunet_fseft.datasets.kshot import write_kshot_splits
     path, splits, backup, warnings = write_kshot_splits(args.d, args.k, args.repeats, args.seed, args.test)
     if backup:
         print(f"Kept the previous splits as {backup}")
@@ -36,15 +37,15 @@ def cmd_kshot(args):
 
 
 def cmd_synth(args):
-    from nnunet_fseft.synth import synth_dataset
+    from nnunet_fseft.datasets.synth import synth_dataset
     path = synth_dataset(args.d, args.cases, args.organs, seed=args.seed, name=args.name, scanner=args.scanner,
                          num_test=args.test, shape=tuple(args.shape))
     print(f"Wrote {path}")
 
 
 def cmd_combine(args):
-    from nnunet_fseft.combine import combine
-    from nnunet_fseft.dataset_json import ANNOTATIONS, read_dataset_json, read_json
+    from nnunet_fseft.datasets.combine import combine
+    from nnunet_fseft.datasets.dataset_json import ANNOTATIONS, read_dataset_json, read_json
     path = combine(args.d, args.o, args.name, args.label_map, args.copy, args.np)
     labels = {v: n for n, v in read_dataset_json(os.path.join(path, "dataset.json"))["labels"].items()}
     annotations = read_json(os.path.join(path, ANNOTATIONS), "run `nnunet-fseft combine` again")
@@ -56,7 +57,7 @@ def cmd_combine(args):
 
 
 def cmd_benchmark(args):
-    from nnunet_fseft.benchmark import benchmark
+    from nnunet_fseft.experiments.benchmark.runs import benchmark
     result = benchmark(args.foundation, args.d, args.k, args.repeats, args.methods, args.test, args.o, args.fold,
                        args.device)
     print(f"Wrote results.csv, results.json, report.md and figures in {args.o}")
@@ -65,15 +66,15 @@ def cmd_benchmark(args):
 
 
 def cmd_demo(args):
-    from nnunet_fseft.demo import run_demo
+    from nnunet_fseft.experiments.demo import run_demo
     run_demo(args.workdir, args.device)
 
 
 def cmd_params(args):
-    from nnunet_fseft.plans_io import load_plans
+    from nnunet_fseft.plans.load import load_plans
     plans, dataset_json = load_plans(args.d, args.plans_name)  # before the trainers' imports: a wrong -p is said at once
-    from nnunet_fseft.costs import method_costs
-    from nnunet_fseft.foundation import find_trainer
+    from nnunet_fseft.sharing.costs import method_costs
+    from nnunet_fseft.foundation.record import find_trainer
     from nnunet_fseft.trainers import METHODS
     if args.c not in plans["configurations"]:
         raise InputError(f"Plans {args.plans_name} have no configuration '{args.c}'; available: "
@@ -97,26 +98,26 @@ def _size(n: int) -> str:
 
 
 def cmd_export(args):
-    from nnunet_fseft.adapter_file import export_adapter
+    from nnunet_fseft.sharing.adapter_file import export_adapter
     path, size = export_adapter(args.model_folder, args.o, args.f, args.checkpoint)
     print(f"Wrote {path} ({_size(size)}) and {path}.json")
 
 
 def cmd_import(args):
-    from nnunet_fseft.adapter_file import import_adapter
+    from nnunet_fseft.sharing.adapter_file import import_adapter
     path = import_adapter(args.file, args.foundation, args.o)
     print(f"Wrote {path}; predict with nnUNetv2_predict_from_modelfolder -m {args.o} -f "
           f"{os.path.basename(os.path.dirname(path))[len('fold_'):]} (or nnUNetv2_predict, if {args.o} is in nnUNet_results)")
 
 
 def cmd_merge(args):
-    from nnunet_fseft.merge import merge_model
+    from nnunet_fseft.sharing.merge import merge_model
     for path in merge_model(args.model_folder, args.o):
         print(f"Wrote {path}")
 
 
 def cmd_zeroshot(args):
-    from nnunet_fseft.zeroshot import zeroshot
+    from nnunet_fseft.foundation.zeroshot import zeroshot
     dice, out = zeroshot(args.d, args.plans_name, args.f, args.o, args.device, not args.disable_tta, args.np)
     print(f"Zero-shot (K = 0) Dice of the foundation on the held-out cases (nnU-Net's summary.json in {out}):")
     for label, value in dice.items():
@@ -126,7 +127,7 @@ def cmd_zeroshot(args):
 
 # Flags several commands share, spelt as nnU-Net spells them (the long forms are aliases).
 def _plans_arg(s, help: str) -> None:
-    s.add_argument("-p", "--plans-name", dest="plans_name", default="FSEFTPlans", help=help)
+    s.add_argument("-p", "--plans-name", dest="plans_name", default=PLANS_NAME, help=help)
 
 
 def _device_arg(s) -> None:
@@ -203,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", required=True, help="model folder to write")
     s.set_defaults(func=cmd_import)
 
-    s = sub.add_parser("merge", help="fold LoRA/BitFit/AffineNorm/FT into plain weights: a model folder for nnU-Net alone")
+    s = sub.add_parser("merge", help="merge LoRA/BitFit/AffineNorm/FT into plain weights: a model folder for nnU-Net alone")
     s.add_argument("model_folder", help="nnU-Net results folder TRAINER__PLANS__CONFIGURATION")
     s.add_argument("-o", required=True, help="model folder to write (e.g. …/nnUNetTrainer__FSEFTPlans__3d_fullres)")
     s.set_defaults(func=cmd_merge)

@@ -49,7 +49,7 @@ def foundation(workspace):
     """A tiny nnU-Net model trained on base organs; returns its results folder."""
     run(["nnunet-fseft", "synth", "-d", FOUNDATION_ID, "--cases", "6", "--shape", "32", "32", "32"])
     run(["nnUNetv2_plan_and_preprocess", "-d", FOUNDATION_ID, "-c", "3d_fullres", "-np", "2"])
-    from nnunet_fseft.plans_presets import apply_preset
+    from nnunet_fseft.plans.presets import apply_preset
     plans = apply_preset(FOUNDATION_ID, "cpu_tiny")
     run(["nnUNetv2_train", FOUNDATION_ID, "3d_fullres", "all", "-p", plans, "-tr", "nnUNetTrainerFSEFT_Pretrain",
          "-device", "cpu"], env=TRAIN_ENV)

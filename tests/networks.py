@@ -8,7 +8,8 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet, Resi
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
-from nnunet_fseft.foundation import PLANS_KEY
+from nnunet_fseft.foundation.record import PLANS_KEY
+from nnunet_fseft.plans import PLANS_NAME
 
 
 def _kwargs(dim: int, kernel_sizes=3, strides=(1, 2, 2)) -> dict:
@@ -74,7 +75,7 @@ def plans_manager(architecture: str) -> PlansManager:
     else:
         arch["n_conv_per_stage"] = [2, 2, 2]
         name = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
-    plans = {"dataset_name": "Dataset999_Tiny", "plans_name": "FSEFTPlans", "transpose_forward": [0, 1, 2],
+    plans = {"dataset_name": "Dataset999_Tiny", "plans_name": PLANS_NAME, "transpose_forward": [0, 1, 2],
              "transpose_backward": [0, 1, 2], "image_reader_writer": "SimpleITKIO",
              "configurations": {"3d_fullres": {
                  "data_identifier": "tiny", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,

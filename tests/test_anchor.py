@@ -1,4 +1,4 @@
-"""The zero-shot anchor (nnunet_fseft/anchor.py): its classes, its penalty, and its life in a trainer."""
+"""The zero-shot anchor (nnunet_fseft/training/anchor.py): its classes, its penalty, and its life in a trainer."""
 import copy
 import os
 
@@ -6,9 +6,10 @@ import pytest
 import torch
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
-from nnunet_fseft.anatomy import anatomy
-from nnunet_fseft.anchor import AnchoredLoss, ZeroShotAnchor, anchor_groups, merged_log_probs
-from test_methods import adapted, lora_trainer, outputs, perturb, tiny_batch
+from nnunet_fseft.network.anatomy import anatomy
+from nnunet_fseft.training.anchor import AnchoredLoss, ZeroShotAnchor, anchor_groups, merged_log_probs
+from test_methods import adapted, outputs, perturb
+from test_trainer_checks import lora_trainer, tiny_batch
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -8,6 +8,7 @@ import torch
 
 from helpers import TRAIN_ENV, fails_with, run
 from nnunet_fseft.errors import InputError
+from nnunet_fseft.plans import PLANS_NAME
 
 
 def test_k_larger_than_dataset(target):
@@ -73,7 +74,7 @@ def test_missing_environment_variable(target):
 
 
 def test_bad_schedule_override(target):
-    p = run(["nnUNetv2_train", target, "3d_fullres", "0", "-p", "FSEFTPlans", "-tr", "nnUNetTrainerFSEFT_LoRA",
+    p = run(["nnUNetv2_train", target, "3d_fullres", "0", "-p", PLANS_NAME, "-tr", "nnUNetTrainerFSEFT_LoRA",
              "-device", "cpu"], env={**TRAIN_ENV, "nnUNet_fseft_epochs": "ten"}, check=False)
     assert p.returncode != 0 and "nnUNet_fseft_epochs must be a positive whole number" in p.stdout
 
@@ -92,7 +93,7 @@ def test_foundation_whose_weights_do_not_fit_its_plans(workspace, foundation, ta
 def test_only_nnunets_own_trainer_refusals_are_input_errors(tmp_path, monkeypatch):
     """A trainer that does not exist is the user's input; an error raised while nnU-Net imports a
     user's trainer module is a bug in that file and keeps its own type and traceback."""
-    from nnunet_fseft.foundation import find_trainer
+    from nnunet_fseft.foundation.record import find_trainer
     folder = tmp_path / "my_trainers"
     folder.mkdir()
     monkeypatch.setenv("nnUNet_extTrainer", str(folder))
@@ -113,7 +114,7 @@ def test_only_nnunets_own_trainer_refusals_are_input_errors(tmp_path, monkeypatc
 def test_foundation_changed_since_adopt(foundation):
     """Adopting again helps a new training only: a trained model (a black-box one reads its foundation
     at every prediction) needs that very file back, so the sentence names its sha256 and path."""
-    from nnunet_fseft.foundation import load_foundation
+    from nnunet_fseft.foundation.record import load_foundation
     path = str(foundation / "fold_all" / "checkpoint_final.pth")
     record = {"checkpoint": path, "sha256": "0" * 64}
     with pytest.raises(InputError, match="changed since `nnunet-fseft adopt`") as info:
@@ -126,8 +127,8 @@ def test_foundation_changed_since_adopt(foundation):
 # --- params, export, import, merge: checked in-process (the CLI's one-line wrapping is tested above) ---
 
 def test_export_and_merge_refuse_a_model_not_trained_by_a_method(foundation, tmp_path):
-    from nnunet_fseft.adapter_file import export_adapter
-    from nnunet_fseft.merge import merge_model
+    from nnunet_fseft.sharing.adapter_file import export_adapter
+    from nnunet_fseft.sharing.merge import merge_model
     with pytest.raises(InputError, match="not an nnunet-fseft method"):
         export_adapter(str(foundation), str(tmp_path / "a.safetensors"), fold="all")
     with pytest.raises(InputError, match="not an nnunet-fseft method"):
@@ -136,14 +137,14 @@ def test_export_and_merge_refuse_a_model_not_trained_by_a_method(foundation, tmp
 
 
 def test_export_names_the_checkpoints_there_are(foundation, tmp_path):
-    from nnunet_fseft.adapter_file import export_adapter
+    from nnunet_fseft.sharing.adapter_file import export_adapter
     with pytest.raises(InputError, match="available: .*fold_all/checkpoint_final.pth"):
         export_adapter(str(foundation), str(tmp_path / "a.safetensors"), fold="3")
 
 
 def test_import_refuses_files_that_are_not_adapter_files(foundation, tmp_path):
     from safetensors.torch import save_file
-    from nnunet_fseft.adapter_file import import_adapter
+    from nnunet_fseft.sharing.adapter_file import import_adapter
     with pytest.raises(InputError, match="does not exist"):
         import_adapter(str(tmp_path / "none.safetensors"), str(foundation), str(tmp_path / "out"))
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)

@@ -74,16 +74,16 @@ def test_a_base_organ_task_stops_before_training_when_the_foundation_does_not_se
     The real zero-shot prediction runs; the bar is raised above any Dice so that this tiny foundation
     fails it whatever it learned. A task of labels the foundation does not know at all stops too."""
     import pytest
-    from nnunet_fseft import benchmark as bench
+    from nnunet_fseft.experiments.benchmark import protocol, runs
     from nnunet_fseft.errors import InputError
     run(["nnunet-fseft", "synth", "-d", "508", "--cases", "4", "--seed", "13", "--scanner", "B", "--organs", "spleen",
          "--shape", "32", "32", "32", "--name", "BaseCheck"])
-    monkeypatch.setattr(bench, "UNLEARNED_DICE", 1.01)
+    monkeypatch.setattr(protocol, "UNLEARNED_DICE", 1.01)
     out = tmp_path / "bench"
     with pytest.raises(InputError, match=r"^Dataset508_BaseCheck is no base-organ task for this foundation: the "
                                          r"foundation names spleen but does not segment it \(zero-shot Dice 0\.\d{3}, "
                                          r"below 1\.01\); train the foundation longer"):
-        bench.benchmark(foundation, "508", [1], 1, ["BitFit"], 2, str(out), base_organs=True)
+        runs.benchmark(foundation, "508", [1], 1, ["BitFit"], 2, str(out), base_organs=True)
     assert "nnUNetv2_train" not in (out / "log.txt").read_text() and not (out / "runs.jsonl").exists()
     assert "spleen" in json.loads((out / "zero_shot.json").read_text())  # kept: the next try does not predict again
 
@@ -91,5 +91,5 @@ def test_a_base_organ_task_stops_before_training_when_the_foundation_does_not_se
          "--shape", "32", "32", "32", "--name", "NovelCheck"])
     with pytest.raises(InputError, match="^Dataset509_NovelCheck is no base-organ task for this foundation: the "
                                          "foundation knows none of its labels;"):
-        bench.benchmark(foundation, "509", [1], 1, ["BitFit"], 2, str(tmp_path / "novel"), base_organs=True)
+        runs.benchmark(foundation, "509", [1], 1, ["BitFit"], 2, str(tmp_path / "novel"), base_organs=True)
     assert "nnUNetv2_train" not in (tmp_path / "novel" / "log.txt").read_text()

@@ -9,13 +9,16 @@ import os
 import pytest
 import torch
 
-from nnunet_fseft.benchmark import (MANIFEST, OutputFolder, benchmark, link_held_out, run_env, run_order, run_pending,
-                                    write_reports, zero_shot_scores)
+from nnunet_fseft.environment import QUERY
 from nnunet_fseft.errors import InputError
-from nnunet_fseft.foundation import PLANS_KEY
+from nnunet_fseft.experiments.benchmark.output_folder import MANIFEST, OutputFolder, link_held_out
+from nnunet_fseft.experiments.benchmark.protocol import run_env, run_order
+from nnunet_fseft.experiments.benchmark.report import write_reports
+from nnunet_fseft.experiments.benchmark.runs import benchmark, run_pending, zero_shot_scores
+from nnunet_fseft.foundation.record import PLANS_KEY
 from nnunet_fseft.runner import run
 from nnunet_fseft.trainers import METHODS
-from nnunet_fseft.transductive import QUERY_ENV, query_images
+from nnunet_fseft.training.transductive import query_images
 
 DATASET_JSON = {"labels": {"background": 0, "spleen": 1}, "file_ending": ".nii.gz", "channel_names": {"0": "CT"},
                 "numTraining": 4}
@@ -94,8 +97,8 @@ def test_a_benchmark_json_we_did_not_write_is_refused(tmp_path):
 def test_benchmark_refuses_another_datasets_folder_before_any_work(nnunet_folders):
     root, model = nnunet_folders
     out = root / "bench"
-    from nnunet_fseft.foundation import sha256
-    from nnunet_fseft.kshot import kshot_splits
+    from nnunet_fseft.foundation.record import sha256
+    from nnunet_fseft.datasets.kshot import kshot_splits
     held_out = kshot_splits([f"case_{i}" for i in range(4)], 1, 1, 0, 2)[0]["val"]
     OutputFolder(str(out), identity(foundation_sha256=sha256(str(model / "fold_all" / "checkpoint_final.pth")),
                                     held_out=held_out, schedule={"epochs": None, "iterations_per_epoch": None})).claim()
@@ -186,7 +189,7 @@ def test_a_failed_run_is_recorded_reported_and_retried_while_the_others_go_on(tm
 def test_runs_go_in_the_order_of_k_asked_and_keep_the_fold_numbers_of_the_splits():
     """`-k 5 1` runs K = 5 first (a device run asked for K = 5 first and got only K = 1 when the K
     values were sorted); each run keeps the fold that `folds` wrote for its K, whatever the order."""
-    from nnunet_fseft.benchmark import folds
+    from nnunet_fseft.experiments.benchmark.protocol import folds
     cases = [f"case_{i}" for i in range(12)]
     splits = folds([1, 5], 2, cases, 4)
     todo = run_order([5, 1], 2, ["LoRA", "FullFT"])
@@ -234,13 +237,13 @@ def test_transductive_runs_adapt_on_exactly_the_held_out_scans(nnunet_folders, m
     assert link_held_out(images, ["case_1", "case_3"], held_out) == held_out  # the same folder again: kept
 
     env = run_env(METHODS["nnUNetTrainerFSEFT_SpatialAdapterTI"], "cpu", held_out)
-    assert env[QUERY_ENV] == os.path.abspath(held_out) and env["nnUNet_n_proc_DA"] == "0"
-    assert QUERY_ENV not in run_env(METHODS["nnUNetTrainerFSEFT_SpatialAdapter"], "cpu", held_out)
+    assert env[QUERY] == os.path.abspath(held_out) and env["nnUNet_n_proc_DA"] == "0"
+    assert QUERY not in run_env(METHODS["nnUNetTrainerFSEFT_SpatialAdapter"], "cpu", held_out)
     # what the transductive trainer reads (its on_train_start): the held-out scans, not imagesTs
-    monkeypatch.setenv(QUERY_ENV, env[QUERY_ENV])
+    monkeypatch.setenv(QUERY, env[QUERY])
     queries = query_images("Dataset601_A", ".nii.gz")
     assert sorted(os.path.basename(files[0]) for files in queries) == ["case_1_0000.nii.gz", "case_3_0000.nii.gz"]
-    monkeypatch.delenv(QUERY_ENV)
+    monkeypatch.delenv(QUERY)
     assert [os.path.basename(f[0]) for f in query_images("Dataset601_A", ".nii.gz")] == ["other_0000.nii.gz"]
 
 
@@ -248,7 +251,7 @@ def test_a_benchmark_runs_a_users_subclass_by_its_class_name(tmp_path, monkeypat
     """Our methods by their short names; a user's variant of one (benchmarks/lr_sweep.py writes such
     variants) by its full class name, from a folder on nnUNet_extTrainer; nnU-Net's own trainer is
     not a method."""
-    from nnunet_fseft.benchmark import method_trainers
+    from nnunet_fseft.experiments.benchmark.protocol import method_trainers
     (tmp_path / "my_variants.py").write_text(
         "from nnunet_fseft.trainers import nnUNetTrainerFSEFT_LoRA\n\n"
         "class MyLoRA_lr1e3(nnUNetTrainerFSEFT_LoRA):\n    learning_rate = 1e-3\n")
@@ -264,7 +267,7 @@ def test_a_benchmark_runs_a_users_subclass_by_its_class_name(tmp_path, monkeypat
 def test_the_report_says_when_the_foundation_names_an_organ_it_does_not_segment(tmp_path):
     """Zero-shot Dice below UNLEARNED_DICE on a label the foundation knows: the report says the task is a
     novel-organ one for this foundation; above it, the report says nothing of the kind."""
-    from nnunet_fseft.benchmark import UNLEARNED_DICE, unlearned_labels
+    from nnunet_fseft.experiments.benchmark.protocol import UNLEARNED_DICE, unlearned_labels
     folder = OutputFolder(str(tmp_path / "out"), identity())
     folder.claim()
     rows = [{"method": "BitFit", "K": 1, "repeat": 0, "fold": 0, "support": ["case_1"], **MEASURED,

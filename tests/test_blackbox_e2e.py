@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from helpers import BASE_TARGET_LABELS, FOUNDATION_TO_BASE_TARGET, PREDICT_ON_CPU, TRAIN_ENV, images, run, segmentations
-from nnunet_fseft.foundation import read_checkpoint, sha256
+from nnunet_fseft.foundation.record import read_checkpoint, sha256
+from nnunet_fseft.plans import PLANS_NAME
 
 
 def model_folder(workspace, dataset, trainer):
@@ -15,13 +16,13 @@ def model_folder(workspace, dataset, trainer):
 
 
 def train(dataset, trainer, env=None, check=True):
-    return run(["nnUNetv2_train", dataset, "3d_fullres", "0", "-p", "FSEFTPlans", "-tr", trainer, "-device", "cpu"],
+    return run(["nnUNetv2_train", dataset, "3d_fullres", "0", "-p", PLANS_NAME, "-tr", trainer, "-device", "cpu"],
                env={**TRAIN_ENV, **(env or {})}, check=check)
 
 
 def predict(dataset, trainer, images_folder, out):
     run(["nnUNetv2_predict", "-i", images_folder, "-o", out, "-d", dataset, "-c", "3d_fullres", "-f", "0",
-         "-p", "FSEFTPlans", "-tr", trainer, *PREDICT_ON_CPU])
+         "-p", PLANS_NAME, "-tr", trainer, *PREDICT_ON_CPU])
     return segmentations(out)
 
 
@@ -65,7 +66,7 @@ def test_spatial_adapter_with_transductive_inference(workspace, base_target, tmp
             "'Liver' (2) <- foundation 'liver' (1), 'Kidney_R' (3) <- foundation 'kidney_right' (4), "
             "'left kidney' (4) <- foundation 'kidney_left' (3); new: none") in log
     assert "Size prior (mm^3, from 1 support volumes): lien " in log
-    # every label known: training is held to the zero-shot segmentation (nnunet_fseft/anchor.py)
+    # every label known: training is held to the zero-shot segmentation (nnunet_fseft/training/anchor.py)
     assert ("zero-shot anchor: the start's segmentation of 'lien', 'Liver', 'Kidney_R', 'left kidney' is one more "
             "annotation of each patch, weighted 1 (1 / K)") in log
     assert "Caching the features of 2 query volumes" in log
@@ -109,7 +110,7 @@ STEP0 = """
 import sys, torch, numpy as np
 from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-from nnunet_fseft.foundation import architecture_trainer, read_foundation
+from nnunet_fseft.foundation.record import architecture_trainer, read_foundation
 from nnunet_fseft.trainers import METHODS
 pre, trainers = sys.argv[1], sys.argv[2:-1]
 plans, dataset_json = load_json(pre + "/FSEFTPlans.json"), load_json(pre + "/dataset.json")
@@ -161,7 +162,7 @@ def test_zeroshot_scores_the_foundation_on_the_held_out_cases(workspace, base_ta
         assert 0.0 <= float(line.split()[-1]) <= 1.0
     assert float(summary["mean"]["1"]["Dice"]) == pytest.approx(
         float(next(line for line in p.stdout.splitlines() if line.strip().startswith("lien")).split()[-1]), abs=1e-4)
-    # predictions carry the target's label values: folded channel i is the i-th matched label
+    # predictions carry the target's label values: grouped channel i is the i-th matched label
     for raw, renamed in zip(segmentations(out / "folded_labels"), segmentations(out / "predictions")):
         assert np.array_equal(renamed, raw) and set(np.unique(raw)) <= {0, 1, 2, 3, 4}
     run(["nnunet-fseft", "zeroshot", "-d", base_target, "--disable_tta"])  # again: the first results are kept

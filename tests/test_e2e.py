@@ -11,13 +11,14 @@ import SimpleITK as sitk
 import torch
 
 from helpers import PREDICT_ON_CPU, TRAIN_ENV, run, segmentations
-from nnunet_fseft.foundation import PLANS_KEY, read_checkpoint
+from nnunet_fseft.foundation.record import PLANS_KEY, read_checkpoint
+from nnunet_fseft.plans import PLANS_NAME
 from nnunet_fseft.tuners import is_adapter_parameter
 
 LORA = "nnUNetTrainerFSEFT_LoRA"
 
 
-def results_folder(workspace, trainer, plans="FSEFTPlans"):
+def results_folder(workspace, trainer, plans=PLANS_NAME):
     return workspace / "nnUNet_results" / "Dataset501_SynthCTB" / f"{trainer}__{plans}__3d_fullres"
 
 
@@ -35,7 +36,7 @@ def assert_foundation_untouched(checkpoint, foundation):
 
 @pytest.fixture(scope="module")
 def lora_run(workspace, target):
-    p = run(["nnUNetv2_train", target, "3d_fullres", "0", "-p", "FSEFTPlans", "-tr", LORA, "-device", "cpu"],
+    p = run(["nnUNetv2_train", target, "3d_fullres", "0", "-p", PLANS_NAME, "-tr", LORA, "-device", "cpu"],
             env=TRAIN_ENV)
     return results_folder(workspace, LORA), p.stdout
 
@@ -44,7 +45,7 @@ def test_lora_training_loads_foundation_and_trains_only_adapters(lora_run, found
     folder, log = lora_run
     assert "Loaded foundation" in log
     assert "imprinted from the support set: 'pancreas' (" in log  # the novel organ's start
-    # a new organ only: the foundation has no segmentation of it to hold training to (nnunet_fseft/anchor.py)
+    # a new organ only: the foundation has no segmentation of it to hold training to (nnunet_fseft/training/anchor.py)
     assert "zero-shot anchor: off, no target label is one the foundation knows" in log
     assert (folder / "fold_0" / "zero_shot_anchor.pth").is_file()  # what --c reads
     assert f"{LORA}: training " in log and " parameters (" in log
@@ -76,14 +77,14 @@ def test_training_stops_when_the_train_loss_stops_improving(workspace, target, t
     trainer = "nnUNetTrainerFSEFT_BitFit_Impatient"
     env = {**TRAIN_ENV, "nnUNet_fseft_epochs": "6", "nnUNet_extTrainer": os.pathsep.join(
         [str(tmp_path), os.environ.get("nnUNet_extTrainer", "")])}
-    log = run(["nnUNetv2_train", target, "3d_fullres", "1", "-p", "FSEFTPlans", "-tr", trainer, "-device", "cpu"],
+    log = run(["nnUNetv2_train", target, "3d_fullres", "1", "-p", PLANS_NAME, "-tr", trainer, "-device", "cpu"],
               env=env).stdout
     fold = results_folder(workspace, trainer) / "fold_1"
     assert "Early stop after epoch 2" in log and log.count("Epoch time") == 3  # of 6
     assert (fold / "checkpoint_final.pth").is_file() and not (fold / "checkpoint_best.pth").exists()
     assert not (fold / "checkpoint_latest.pth").exists()  # nnU-Net's end of training ran
     assert "foreground_mean" in json.loads((fold / "validation" / "summary.json").read_text())
-    again = run(["nnUNetv2_train", target, "3d_fullres", "1", "-p", "FSEFTPlans", "-tr", trainer, "-device", "cpu",
+    again = run(["nnUNetv2_train", target, "3d_fullres", "1", "-p", PLANS_NAME, "-tr", trainer, "-device", "cpu",
                  "--c"], env=env).stdout
     assert "Epoch time" not in again  # continuing a training that stopped early trains nothing more
 
@@ -91,7 +92,7 @@ def test_training_stops_when_the_train_loss_stops_improving(workspace, target, t
 def test_start_trainer_saves_the_untrained_start_and_validates_it(workspace, target, foundation):
     """nnUNetTrainerFSEFT_Start: every method's step 0 (a benchmark's Start row), with no optimiser step."""
     trainer = "nnUNetTrainerFSEFT_Start"
-    log = run(["nnUNetv2_train", target, "3d_fullres", "0", "-p", "FSEFTPlans", "-tr", trainer, "-device", "cpu"],
+    log = run(["nnUNetv2_train", target, "3d_fullres", "0", "-p", PLANS_NAME, "-tr", trainer, "-device", "cpu"],
               env=TRAIN_ENV).stdout
     assert "no training; the final checkpoint is the start" in log and "Epoch time" not in log
     assert "imprinted from the support set: 'pancreas' (" in log
@@ -100,7 +101,7 @@ def test_start_trainer_saves_the_untrained_start_and_validates_it(workspace, tar
     original = read_checkpoint(str(foundation / "fold_all" / "checkpoint_final.pth"))["network_weights"]
     body = [k for k in start if ".seg_layers." not in k]
     assert body and all(torch.equal(start[k], original[k]) for k in body)
-    for k in (k for k in start if ".seg_layers." in k):  # every foundation row (folded head), then pancreas
+    for k in (k for k in start if ".seg_layers." in k):  # every foundation row (grouped head), then pancreas
         rows = len(original[k])
         assert len(start[k]) == rows + 1 and torch.equal(start[k][:rows], original[k]), k
         assert k.endswith("bias") or not torch.equal(start[k][rows], start[k][0]), k  # imprinted
@@ -108,16 +109,16 @@ def test_start_trainer_saves_the_untrained_start_and_validates_it(workspace, tar
 
 
 def test_step_0_predicts_exactly_what_zeroshot_predicts(workspace, foundation, tmp_path):
-    """A target with two of the foundation's four organs: the other two are folded into background
-    (nnunet_fseft/fold.py), so the untrained start segments the held-out scans as zeroshot does."""
+    """A target with two of the foundation's four organs: the other two are grouped with background
+    (nnunet_fseft/network/grouped_head.py), so the untrained start segments the held-out scans as zeroshot does."""
     run(["nnunet-fseft", "synth", "-d", "506", "--cases", "4", "--test", "0", "--seed", "21", "--shape", "32", "32", "32",
          "--name", "SynthSubset", "--organs", "spleen", "kidney_left", "--scanner", "B"])
     run(["nnunet-fseft", "adopt", "--foundation", foundation, "-d", "506"])
     run(["nnunet-fseft", "kshot", "-d", "506", "-k", "1", "--repeats", "1", "--test", "2"])
     trainer = "nnUNetTrainerFSEFT_Start"
-    log = run(["nnUNetv2_train", "506", "3d_fullres", "0", "-p", "FSEFTPlans", "-tr", trainer, "-device", "cpu"],
+    log = run(["nnUNetv2_train", "506", "3d_fullres", "0", "-p", PLANS_NAME, "-tr", trainer, "-device", "cpu"],
               env=TRAIN_ENV).stdout
-    assert "the foundation's 'liver', 'kidney_right' folded into background" in log
+    assert "the foundation's 'liver', 'kidney_right' grouped with background" in log
     name = "Dataset506_SynthSubset"
     held_out = json.loads((workspace / "nnUNet_preprocessed" / name / "splits_final.json").read_text())[0]["val"]
     images = tmp_path / "held_out"
@@ -125,7 +126,7 @@ def test_step_0_predicts_exactly_what_zeroshot_predicts(workspace, foundation, t
     for case in held_out:
         os.symlink(workspace / "nnUNet_raw" / name / "imagesTr" / f"{case}_0000.nii.gz", images / f"{case}_0000.nii.gz")
     run(["nnUNetv2_predict", "-i", images, "-o", tmp_path / "start", "-d", "506", "-c", "3d_fullres", "-f", "0",
-         "-p", "FSEFTPlans", "-tr", trainer, *PREDICT_ON_CPU])
+         "-p", PLANS_NAME, "-tr", trainer, *PREDICT_ON_CPU])
     zero = tmp_path / "zeroshot"
     out = run(["nnunet-fseft", "zeroshot", "-d", "506", "--disable_tta", "-o", zero]).stdout
     start, zero_shot = segmentations(tmp_path / "start"), segmentations(zero / "predictions")
@@ -147,7 +148,7 @@ def copy_of(lora_run, tmp_path):
 def test_resume_continues_from_checkpoint(lora_run, target, tmp_path):
     folder, env = copy_of(lora_run, tmp_path)
     before = read_checkpoint(str(folder / "fold_0" / "checkpoint_final.pth"))["logging"]["train_losses"]
-    p = run(["nnUNetv2_train", target, "3d_fullres", "0", "-p", "FSEFTPlans", "-tr", LORA, "-device", "cpu", "--c"],
+    p = run(["nnUNetv2_train", target, "3d_fullres", "0", "-p", PLANS_NAME, "-tr", LORA, "-device", "cpu", "--c"],
             env={**env, "nnUNet_fseft_epochs": "3"})
     assert "Loaded foundation" not in p.stdout  # weights come from our checkpoint
     assert "zero-shot anchor: off" in p.stdout  # as the training it continues
@@ -163,7 +164,7 @@ def test_validation_only_rebuilds_the_network(lora_run, target, tmp_path):
     validation = folder / "fold_0" / "validation"
     trained, segs = json.loads((validation / "summary.json").read_text()), segmentations(validation)
     shutil.rmtree(validation)
-    run(["nnUNetv2_train", target, "3d_fullres", "0", "-p", "FSEFTPlans", "-tr", LORA, "-device", "cpu", "--val"],
+    run(["nnUNetv2_train", target, "3d_fullres", "0", "-p", PLANS_NAME, "-tr", LORA, "-device", "cpu", "--val"],
         env=env)
     again = json.loads((validation / "summary.json").read_text())
     assert len(again["metric_per_case"]) == len(trained["metric_per_case"]) == 2
@@ -177,7 +178,7 @@ def test_validation_only_rebuilds_the_network(lora_run, target, tmp_path):
 def test_predict_writes_segmentations_with_input_geometry(lora_run, workspace, target, tmp_path):
     images = workspace / "nnUNet_raw" / "Dataset501_SynthCTB" / "imagesTs"
     run(["nnUNetv2_predict", "-i", images, "-o", tmp_path, "-d", target, "-c", "3d_fullres", "-f", "0",
-         "-p", "FSEFTPlans", "-tr", LORA, *PREDICT_ON_CPU])
+         "-p", PLANS_NAME, "-tr", LORA, *PREDICT_ON_CPU])
     inputs = sorted(glob.glob(str(images / "*_0000.nii.gz")))
     assert len(inputs) == 2
     for path in inputs:
@@ -223,7 +224,7 @@ def test_step_0_on_the_pretrained_weights_route_is_the_zero_shot_prediction(work
     trainer = "nnUNetTrainerFSEFT_Start"
     log = run(["nnUNetv2_train", base_target, "3d_fullres", "0", "-p", "PlainPlans", "-tr", trainer, "-device", "cpu",
                "-pretrained_weights", foundation / "fold_all" / "checkpoint_final.pth"], env=TRAIN_ENV).stdout
-    assert "head initialisation: " in log and "not folded" not in log
+    assert "head initialisation: " in log and "not grouped" not in log
     held_out = json.loads((pre / "splits_final.json").read_text())[0]["val"]
     images = tmp_path / "held_out"
     images.mkdir()

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from helpers import COMMAND_ENV, TRAIN_ENV, fails_with, run, tree
-from nnunet_fseft.foundation import PLANS_KEY, read_checkpoint
+from nnunet_fseft.foundation.record import PLANS_KEY, read_checkpoint
+from nnunet_fseft.plans import PLANS_NAME
 from nnunet_fseft.runner import command_path
 
 BITFIT = "nnUNetTrainerFSEFT_BitFit"
@@ -24,7 +25,7 @@ def preprocessed(workspace):
 @pytest.fixture(scope="module")
 def bitfit(workspace, target):
     """A model of a mergeable method, trained on fold 1 of the target."""
-    run(["nnUNetv2_train", target, "3d_fullres", "1", "-p", "FSEFTPlans", "-tr", BITFIT, "-device", "cpu"],
+    run(["nnUNetv2_train", target, "3d_fullres", "1", "-p", PLANS_NAME, "-tr", BITFIT, "-device", "cpu"],
         env=TRAIN_ENV)
     return workspace / "nnUNet_results" / "Dataset501_SynthCTB" / f"{BITFIT}__FSEFTPlans__3d_fullres"
 

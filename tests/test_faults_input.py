@@ -11,7 +11,7 @@ import pytest
 
 from helpers import nnunet_folders, tree
 from nnunet_fseft import cli
-from nnunet_fseft.synth import synth_dataset
+from nnunet_fseft.datasets.synth import synth_dataset
 
 A, B = 531, 532  # two tiny raw datasets of the same anatomy
 
@@ -98,8 +98,8 @@ def test_a_dataset_json_that_is_not_json_is_named(tiny_workspace, tmp_path, dama
 
 def test_plans_and_splits_that_are_not_json_are_named(tiny_workspace, capsys):
     from nnunet_fseft.errors import InputError
-    from nnunet_fseft.plans_presets import apply_preset
-    from nnunet_fseft.zeroshot import held_out_cases
+    from nnunet_fseft.plans.presets import apply_preset
+    from nnunet_fseft.foundation.zeroshot import held_out_cases
     folder = tiny_workspace / "nnUNet_preprocessed" / "Dataset531_TinyA"
     folder.mkdir()
     for name in ("FSEFTPlans.json", "nnUNetPlans.json", "splits_final.json"):
@@ -170,7 +170,7 @@ def test_the_next_adopt_undoes_or_finishes_what_a_killed_one_left(tmp_path, stag
     and dataset.json are put back. Killed after writing the plans: the new state stays, and the old
     dataset.json is kept as a backup. Files of an adopt still running, or of another host's (which
     may be running), are left alone."""
-    from nnunet_fseft.adopt import SWAPPED_DATA_KEY, _remove_leftovers, _Scratch
+    from nnunet_fseft.foundation.adopt import SWAPPED_DATA_KEY, _remove_leftovers, _Scratch
     folder = tmp_path / "Dataset591_Adopted"
     (folder / "P_3d_fullres").mkdir(parents=True)
     (folder / "P_3d_fullres" / "old.npz").write_text("old data")
@@ -213,7 +213,7 @@ def test_the_next_adopt_undoes_or_finishes_what_a_killed_one_left(tmp_path, stag
 
 
 def test_temporary_names_hold_the_host_the_process_and_a_token(tmp_path):
-    from nnunet_fseft.adopt import _Scratch
+    from nnunet_fseft.foundation.adopt import _Scratch
     a, b = _Scratch(str(tmp_path)), _Scratch(str(tmp_path))
     assert a.data != b.data  # two adopts with the same process id (containers) do not share files
     name = os.path.basename(a.data)

@@ -66,7 +66,7 @@ def pooled(sources):
     run(["nnunet-fseft", "combine", "-d", SOURCE_A, SOURCE_B, "-o", POOLED, "--name", "Pooled"])
     assert {s: tree(raw / s) for s in trees} == trees  # the sources are only read
     run(["nnUNetv2_plan_and_preprocess", "-d", POOLED, "-c", "3d_fullres", "-np", "2", "--verify_dataset_integrity"])
-    from nnunet_fseft.plans_presets import apply_preset
+    from nnunet_fseft.plans.presets import apply_preset
     return apply_preset(POOLED, "cpu_tiny")
 
 
@@ -109,8 +109,8 @@ def test_pool_pretrain_predict_and_adopt(workspace, sources, pooled):
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "labels": {"background": 0, "Lien": 1, "right kidney": 2}}))
     run(["nnunet-fseft", "adopt", "--foundation", model, "--fold", "0", "-d", "211"])
-    from nnunet_fseft.foundation import PLANS_KEY
-    from nnunet_fseft.labels import match_labels
+    from nnunet_fseft.foundation.record import PLANS_KEY
+    from nnunet_fseft.foundation.labels import match_labels
     recorded = json.loads((workspace / "nnUNet_preprocessed" / "Dataset211_NamedOtherwise" / "FSEFTPlans.json")
                           .read_text())[PLANS_KEY]["labels"]
     assert recorded == labels

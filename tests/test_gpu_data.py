@@ -11,9 +11,12 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from scipy.stats import ks_2samp
 
 from helpers import TRAIN_ENV, run
+from nnunet_fseft.environment import gpu_data_enabled
 from nnunet_fseft.errors import InputError
-from nnunet_fseft.gpu_data import (DeviceAugmentation, GaussianBlur, GaussianNoise, Brightness, Contrast, Gamma,
-                                   LowResolution, gpu_data_enabled)
+from nnunet_fseft.plans import PLANS_NAME
+from nnunet_fseft.training.gpu_data.augmentation import DeviceAugmentation
+from nnunet_fseft.training.gpu_data.intensity import (Brightness, Contrast, Gamma, GaussianBlur, GaussianNoise,
+                                                      LowResolution)
 
 PATCH = (24, 28, 32)
 DS_SCALES = [[1, 1, 1], [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]]
@@ -291,11 +294,11 @@ def test_training_on_the_gpu_data_path_through_nnunet(target, workspace):
     env = {**TRAIN_ENV, "nnUNet_fseft_gpu_data": "1", "nnUNet_fseft_epochs": "1"}
     # nnUNetv2_train is nnU-Net's command: the error is the last line of its traceback, before any training
     # (black-box methods on cached features keep their own path under the switch: test_blackbox.py)
-    p = run(["nnUNetv2_train", target, "3d_fullres", "1", "-p", "FSEFTPlans", "-tr", "nnUNetTrainerFSEFT_LoRA",
+    p = run(["nnUNetv2_train", target, "3d_fullres", "1", "-p", PLANS_NAME, "-tr", "nnUNetTrainerFSEFT_LoRA",
              "-device", "cpu"], env={**env, "nnUNet_fseft_gpu_data": "yes please"}, check=False)
     assert (p.returncode != 0 and "nnUNet_fseft_gpu_data must be 1 or 0" in p.stdout.strip().splitlines()[-1]
             and "Epoch 0" not in p.stdout)
-    out = run(["nnUNetv2_train", target, "3d_fullres", "1", "-p", "FSEFTPlans", "-tr", "nnUNetTrainerFSEFT_LoRA",
+    out = run(["nnUNetv2_train", target, "3d_fullres", "1", "-p", PLANS_NAME, "-tr", "nnUNetTrainerFSEFT_LoRA",
                "-device", "cpu"], env=env).stdout
     assert "GPU data path: 1 support cases held on cpu" in out
     fold = workspace / "nnUNet_results" / "Dataset501_SynthCTB" / "nnUNetTrainerFSEFT_LoRA__FSEFTPlans__3d_fullres" / "fold_1"

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from helpers import fails_with, nnunet_folders, run
+from nnunet_fseft.datasets.kshot import identical_fold_warnings, identical_folds, kshot_splits, write_kshot_splits
+from nnunet_fseft.datasets.synth import synth_dataset
 from nnunet_fseft.errors import InputError
-from nnunet_fseft.kshot import identical_fold_warnings, identical_folds, kshot_splits, write_kshot_splits
-from nnunet_fseft.synth import synth_dataset
 
 CASES = [f"case_{i:03d}" for i in range(20)]
 DATASET_ID = 517

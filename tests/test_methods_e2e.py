@@ -11,7 +11,8 @@ import torch
 
 from helpers import PREDICT_ON_CPU, TRAIN_ENV, WITHOUT_PLUGIN, images, run, segmentations
 from networks import plans_manager
-from nnunet_fseft.foundation import read_checkpoint
+from nnunet_fseft.foundation.record import read_checkpoint
+from nnunet_fseft.plans import PLANS_NAME
 from nnunet_fseft.tuners import is_adapter_parameter
 
 COMBO = "nnUNetTrainerFSEFT_LoRA_DecoderFT"  # mergeable, and a decoder-tuning combination
@@ -22,7 +23,7 @@ def results(workspace, trainer):
 
 
 def train(target, trainer, fold="0"):
-    return run(["nnUNetv2_train", target, "3d_fullres", fold, "-p", "FSEFTPlans", "-tr", trainer, "-device", "cpu"],
+    return run(["nnUNetv2_train", target, "3d_fullres", fold, "-p", PLANS_NAME, "-tr", trainer, "-device", "cpu"],
                env=TRAIN_ENV)
 
 
@@ -45,7 +46,7 @@ def test_train_and_predict(trainer, workspace, target, foundation, tmp_path):
         if not is_adapter_parameter(k) and ".seg_layers." not in k:
             assert (ckpt[k] == original[k]).all(), k
     run(["nnUNetv2_predict", "-i", images(workspace), "-o", tmp_path, "-d", target, "-c", "3d_fullres", "-f", "0",
-         "-p", "FSEFTPlans", "-tr", trainer, *PREDICT_ON_CPU])
+         "-p", PLANS_NAME, "-tr", trainer, *PREDICT_ON_CPU])
     assert all(set(np.unique(s)) <= {0, 1} for s in segmentations(tmp_path))
 
 
@@ -86,7 +87,7 @@ def test_export_import_round_trip_predicts_the_same(combo, foundation, workspace
 
     # an installation whose method has other hyper-parameters is refused
     from safetensors.torch import save_file
-    from nnunet_fseft.adapter_file import METADATA_KEY, import_adapter, read_adapter
+    from nnunet_fseft.sharing.adapter_file import METADATA_KEY, import_adapter, read_adapter
     tensors, info = read_adapter(str(adapter))
     info["settings"]["rank"] = 4
     save_file(tensors, str(tmp_path / "rank4.safetensors"), metadata={METADATA_KEY: json.dumps(info)})
@@ -110,19 +111,19 @@ from nnunet_fseft.trainers import nnUNetTrainerFSEFT_LoRA_DecoderFT
 
 
 class nnUNetTrainerFSEFT_LoRA_DecoderFT_PlainHead(nnUNetTrainerFSEFT_LoRA_DecoderFT):
-    fold_unmatched = False
+    group_unmatched = False
 """
 
 
 def test_merged_model_runs_on_nnunet_alone_with_the_same_segmentation(combo, workspace, target, tmp_path):
-    folder, _ = combo  # its head folds the foundation's four organs into background: no plain equivalent
+    folder, _ = combo  # its head groups the foundation's four organs with background: no plain equivalent
     p = run(["nnunet-fseft", "merge", folder, "-o", tmp_path / "refused"], check=False)
-    assert p.returncode == 2 and "folds the foundation's 'liver', 'spleen'" in p.stdout and "Traceback" not in p.stdout
+    assert p.returncode == 2 and "groups the foundation's 'liver', 'spleen'" in p.stdout and "Traceback" not in p.stdout
     assert not (tmp_path / "refused").exists()
     (tmp_path / "plain_head.py").write_text(PLAIN_HEAD)  # the way out the refusal names
     trainer = "nnUNetTrainerFSEFT_LoRA_DecoderFT_PlainHead"
     env = {**TRAIN_ENV, "nnUNet_extTrainer": os.pathsep.join([str(tmp_path), os.environ.get("nnUNet_extTrainer", "")])}
-    run(["nnUNetv2_train", target, "3d_fullres", "0", "-p", "FSEFTPlans", "-tr", trainer, "-device", "cpu"], env=env)
+    run(["nnUNetv2_train", target, "3d_fullres", "0", "-p", PLANS_NAME, "-tr", trainer, "-device", "cpu"], env=env)
     folder = results(workspace, trainer)
     want = predict_folder(workspace, folder, tmp_path / "want", env=env)
     merged = tmp_path / "nnUNetTrainer__FSEFTPlans__3d_fullres"
@@ -143,7 +144,7 @@ def test_merge_refuses_non_linear_adapters_in_one_sentence(workspace, target, tm
     if not (folder / "fold_0" / "checkpoint_final.pth").is_file():
         train(target, "nnUNetTrainerFSEFT_AdaptFormer")
     p = run(["nnunet-fseft", "merge", folder, "-o", tmp_path / "m"], check=False)
-    assert p.returncode == 2 and "cannot be folded" in p.stdout and "Traceback" not in p.stdout
+    assert p.returncode == 2 and "cannot be merged" in p.stdout and "Traceback" not in p.stdout
     assert not (tmp_path / "m").exists()
 
 
@@ -167,7 +168,7 @@ def test_a_misspelt_hyperparameter_in_a_users_trainer_stops_nnunet_training_at_s
     (tmp_path / "my_trainers.py").write_text(MISSPELT)
     env = {"nnUNet_extTrainer": os.pathsep.join([str(tmp_path), os.environ.get("nnUNet_extTrainer", "")]),
            "PYTHONUNBUFFERED": "1"}  # the traceback's last line is then the output's last line
-    p = run(["nnUNetv2_train", "990", "3d_fullres", "0", "-p", "FSEFTPlans", "-tr", "nnUNetTrainerFSEFT_LoRA_Rank4",
+    p = run(["nnUNetv2_train", "990", "3d_fullres", "0", "-p", PLANS_NAME, "-tr", "nnUNetTrainerFSEFT_LoRA_Rank4",
              "-device", "cpu"], env={**TRAIN_ENV, **env}, check=False)
     assert p.returncode != 0
     last = p.stdout.strip().splitlines()[-1]
@@ -186,7 +187,7 @@ def test_a_foundation_with_nan_weights_stops_nnunet_training_in_one_sentence(wor
     env = {**TRAIN_ENV, "nnUNet_fseft_epochs": "1", "nnUNet_fseft_iters_per_epoch": "2",
            "nnUNet_results": str(tmp_path / "results"),  # the shared results folder stays as it is
            "PYTHONUNBUFFERED": "1"}  # the traceback's last line is then the output's last line
-    p = run(["nnUNetv2_train", target, "3d_fullres", "0", "-p", "FSEFTPlans", "-tr", "nnUNetTrainerFSEFT_LoRA",
+    p = run(["nnUNetv2_train", target, "3d_fullres", "0", "-p", PLANS_NAME, "-tr", "nnUNetTrainerFSEFT_LoRA",
              "-device", "cpu", "-pretrained_weights", tmp_path / "nan.pth"], env=env, check=False)
     assert p.returncode != 0
     last = p.stdout.strip().splitlines()[-1]

@@ -6,10 +6,10 @@ from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
-from nnunet_fseft.combine import unify_labels
+from nnunet_fseft.datasets.combine import unify_labels
 from nnunet_fseft.errors import InputError
-from nnunet_fseft.partial_labels import (PartialLabelLoss, SourceBalancedDataset, annotated_mask, annotated_summary,
-                                         find_annotations)
+from nnunet_fseft.training.partial_labels import (PartialLabelLoss, SourceBalancedDataset, annotated_mask,
+                                                  annotated_summary, find_annotations)
 
 
 def nnunet_loss(batch_dice):

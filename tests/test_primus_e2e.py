@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import PREDICT_ON_CPU, TRAIN_ENV, WITHOUT_PLUGIN, images, run, segmentations
-from nnunet_fseft.foundation import read_checkpoint
+from nnunet_fseft.foundation.record import read_checkpoint
 
 PRIMUS = "nnUNet_Primus_S_Trainer"
 
@@ -17,7 +17,7 @@ PRIMUS = "nnUNet_Primus_S_Trainer"
 @pytest.fixture(scope="module")
 def primus_target(workspace, foundation, target):
     from nnunetv2.training.nnUNetTrainer.primus.primus_trainers import nnUNet_Primus_S_Trainer
-    from nnunet_fseft.model_folder import build_network, write_model
+    from nnunet_fseft.sharing.model_folder import build_network, write_model
     plans = json.load(open(foundation / "plans.json"))
     dataset_json = json.load(open(foundation / "dataset.json"))
     torch.manual_seed(0)

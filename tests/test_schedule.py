@@ -1,11 +1,11 @@
-"""The few-shot schedule (nnunet_fseft/schedule.py): length from K, warm-up then cosine, and the
+"""The few-shot schedule (nnunet_fseft/training/schedule.py): length from K, warm-up then cosine, and the
 early stop on the training loss (end to end: test_e2e.py)."""
 import math
 
 import pytest
 import torch
 
-from nnunet_fseft.schedule import WarmupCosine, few_shot_schedule, plateaued, warmup_cosine
+from nnunet_fseft.training.schedule import WarmupCosine, few_shot_schedule, plateaued, warmup_cosine
 
 FSEFT = dict(max_passes=200, patches_per_scan=6, warmup_passes=1, plateau_window=10, plateau_patience=20)
 

@@ -2,8 +2,8 @@
 import pytest
 from torch import nn
 
-from nnunet_fseft.anatomy import conv_geometry
 from nnunet_fseft.errors import InputError
+from nnunet_fseft.network.anatomy import conv_geometry
 from nnunet_fseft.tuners import Method
 from nnunet_fseft.tuners.lora import LoRA
 

@@ -1,8 +1,8 @@
 """The one injection loop behind every method (one module per method beside it).
 
 A method module declares a `Method`: WHERE it goes (its sites, module names taken from
-`nnunet_fseft.anatomy`) and WHAT it puts there (the layer each site becomes, the parameters or
-branches each site gets, and, for a linear method, how its update folds into the site's own
+`nnunet_fseft.network.anatomy`) and WHAT it puts there (the layer each site becomes, the parameters or
+branches each site gets, and, for a linear method, how its update merges into the site's own
 weights). `inject` and `merge` below do the rest, the same way for every method.
 
 Adapters are added *in place*: a module is turned into its adapted subclass and
@@ -19,8 +19,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from torch import nn
 
-from nnunet_fseft.anatomy import Anatomy, anatomy
 from nnunet_fseft.errors import InputError
+from nnunet_fseft.network.anatomy import Anatomy, anatomy
 
 # Every adapter parameter name contains this token; nothing in nnU-Net's networks does.
 ADAPTER_TOKEN = "fseft_"
@@ -47,8 +47,8 @@ class Method:
     layer: type
     # (site, *, hyper-parameters) -> {name containing ADAPTER_TOKEN: nn.Parameter, branch module or value}
     additions: Callable[..., Dict[str, Any]]
-    # folds a site's update into its own weights; None: the branches are non-linear, nothing folds
-    fold: Optional[Callable[[nn.Module], None]] = None
+    # merges a site's update into its own weights; None: the branches are non-linear, nothing merges
+    merge: Optional[Callable[[nn.Module], None]] = None
 
     def __post_init__(self):
         # the trainer class is the one place a hyper-parameter's value is written (a programming error)
@@ -117,12 +117,12 @@ def inject(network: nn.Module, method: Method, **hyperparameters) -> List[str]:
 
 
 def merge(network: nn.Module, method: Method) -> None:
-    """Folds every site's update into its own weights; the sites become plain nnU-Net modules again."""
-    if method.fold is None:
-        raise InputError(f"{method.name} adds non-linear branches, which cannot be folded into plain weights; "
+    """Merges every site's update into its own weights; the sites become plain nnU-Net modules again."""
+    if method.merge is None:
+        raise InputError(f"{method.name} adds non-linear branches, which cannot be merged into plain weights; "
                          f"share the model with `nnunet-fseft export` instead, or train a linear method such as LoRA.")
     for module in [m for m in network.modules() if isinstance(m, method.layer)]:
-        method.fold(module)
+        method.merge(module)
         module.__class__ = type(module).__bases__[-1]  # the site's own class (see adapted_class)
         for store in (module._parameters, module._modules, module._buffers, module.__dict__):
             for key in [k for k in store if ADAPTER_TOKEN in k]:

@@ -9,7 +9,7 @@ trainers) and drop-path apply to it too: its effective scale there is scale x ga
 """
 from torch import nn
 
-from nnunet_fseft.anatomy import conv_geometry, within
+from nnunet_fseft.network.anatomy import conv_geometry, within
 from nnunet_fseft.tuners import ADAPTER_TOKEN, Method, Site
 
 BRANCH, SCALE_NAME = ADAPTER_TOKEN + "adaptformer", ADAPTER_TOKEN + "adaptformer_scale"

@@ -9,8 +9,8 @@ GELU, 1x1x1 compression (zero-initialised, so the adapted network starts as the 
 """
 from torch import nn
 
-from nnunet_fseft.anatomy import conv_geometry
 from nnunet_fseft.errors import InputError
+from nnunet_fseft.network.anatomy import conv_geometry
 from nnunet_fseft.tuners import ADAPTER_TOKEN, Method, Site
 
 BRANCH, PARALLEL_NAME = ADAPTER_TOKEN + "conv_adapter", ADAPTER_TOKEN + "conv_adapter_parallel"

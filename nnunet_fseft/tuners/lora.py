@@ -1,8 +1,8 @@
 """LoRA for convolutions and linear layers, computed in weight space.
 
 The convolution runs once with W + scale * (B @ A) reshaped to W's shape, instead of a
-parallel low-rank branch: shared NOTES section 4 measured the parallel branch at 1.33x
-the step time of full fine-tuning and this form at 0.97x. B starts at zero, so an
+parallel low-rank branch: on an H100 the parallel branch took 1.33x the step time of full
+fine-tuning and this form 0.97x (docs/design.md, "Measured costs"). B starts at zero, so an
 injected network computes exactly the foundation's function until it is trained.
 """
 import math
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_fseft.anatomy import within
+from nnunet_fseft.network.anatomy import within
 from nnunet_fseft.tuners import ADAPTER_TOKEN, Method, Site, adapted_class
 
 A_NAME, B_NAME, SCALE_NAME = ADAPTER_TOKEN + "lora_A", ADAPTER_TOKEN + "lora_B", ADAPTER_TOKEN + "lora_scale"
@@ -65,8 +65,8 @@ def low_rank_factors(site: Site, *, rank: int, alpha: float) -> dict:
 
 
 @torch.no_grad()
-def fold(m: nn.Module) -> None:
+def merge(m: nn.Module) -> None:
     m.weight.copy_(lora_weight(m))
 
 
-METHOD = Method(sites, LoRA, low_rank_factors, fold)
+METHOD = Method(sites, LoRA, low_rank_factors, merge)

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_fseft.anatomy import conv_geometry
 from nnunet_fseft.errors import InputError
+from nnunet_fseft.network.anatomy import conv_geometry
 from nnunet_fseft.tuners import ADAPTER_TOKEN, Method, Site
 
 BRANCH = ADAPTER_TOKEN + "med_adapter"

@@ -7,8 +7,7 @@ from typing import Optional
 from torch import nn
 
 from nnunet_fseft.errors import InputError
-from nnunet_fseft.tuners import Method, inject, merge
-from nnunet_fseft.tuners import adaptformer, conv_adapter, lora, med_adapter
+from nnunet_fseft.tuners import Method, adaptformer, conv_adapter, inject, lora, med_adapter, merge
 
 TUNERS = {
     "lora": lora.METHOD,
@@ -41,10 +40,10 @@ def apply_tuner(network: nn.Module, tuner: str, owner) -> list:
 
 
 def is_mergeable(tuner: Optional[str]) -> bool:
-    return tuner is None or method(tuner).fold is not None
+    return tuner is None or method(tuner).merge is not None
 
 
 def merge_tuner(network: nn.Module, tuner: Optional[str]) -> None:
-    """Folds the method's adapters into the network's own weights, in place."""
+    """Merges the method's adapters into the network's own weights, in place."""
     if tuner is not None:
         merge(network, method(tuner))

@@ -1,0 +1,1 @@
+"""Experiments run through nnU-Net's commands: the benchmark (the FSEFT protocol) and the demo."""

@@ -1,0 +1,1 @@
+"""The networks nnU-Net builds, as our methods see them: where the head, decoder and stages are (anatomy), the one freezing rule and parameter counter, the grouped head, head initialisation, and the black-box network."""

@@ -1,0 +1,155 @@
+"""The zero-shot anchor: few-shot training of an organ the foundation knows is held near its prediction.
+
+Why: from one support scan every method ends at about the organ size that scan shows, whatever it
+started from, so a support scan whose organ is smaller than usual takes a good zero-shot start below
+itself (benchmarks/results/archive/fseft_synthetic_cpu_history.md, "K = 1 on a 60-epoch
+foundation"). The anchor
+makes the start's segmentation of each training patch one more annotation of it, scored as nnU-Net
+scores the labels (cross-entropy + soft Dice, the same deep-supervision weights) and weighted 1 / K:
+with one scan the foundation's opinion weighs as much as the label, with ten a tenth.
+
+Classes: each target label the foundation knows on its own, and the rest (background with the labels
+it does not know) as one class, as the foundation has no opinion on a new organ. The start's
+segmentation comes from the same network on the same batch with its trained parameters set back to
+their start values, so no second network is held; for a known label it is the zero-shot segmentation
+(nnunet_fseft/network/grouped_head.py).
+"""
+import os
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from nnunet_fseft.datasets.dataset_json import plain_labels
+
+
+def as_list(output) -> list:
+    """A network's outputs, full resolution first, with or without deep supervision."""
+    return list(output) if isinstance(output, (list, tuple)) else [output]
+
+
+def merged_log_probs(logits: torch.Tensor, groups: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Log-probabilities of the softmax over channels, summed within each group of channels."""
+    log_p = F.log_softmax(logits.float(), 1)
+    return torch.stack([torch.logsumexp(log_p[:, list(g)], 1) for g in groups], 1)
+
+
+def anchor_groups(labels: dict, known: Sequence[int]) -> Optional[List[List[int]]]:
+    """Channel groups of the anchor: background with the labels the foundation does not know, then
+    each known label; None where no target label is known (nothing to hold)."""
+    channels = sorted(plain_labels(labels).values())
+    known = [c for c in channels if c in set(known) and c != 0]
+    if not known:
+        return None
+    return [[c for c in channels if c not in known]] + [[c] for c in known]
+
+
+class ZeroShotAnchor:
+    """`weight` x sum over outputs of output_weights[i] x (cross-entropy + `dice`) against the start's
+    segmentation. `dice` is nnU-Net's soft Dice loss without background (channel 0: the rest)."""
+
+    def __init__(self, network: nn.Module, groups: List[List[int]], weight: float, dice: nn.Module,
+                 output_weights: Sequence[float] = (1.0,), start: Optional[List[torch.Tensor]] = None,
+                 ignore_label: Optional[int] = None):
+        self.params = [p for p in network.parameters() if p.requires_grad]
+        self.buffers = list(network.buffers())  # BatchNorm's running statistics: the start's forward must not move them
+        self.start = [p.detach().clone() for p in self.params] if start is None else start
+        if [s.shape for s in self.start] != [p.shape for p in self.params]:
+            raise ValueError("the anchor's start values do not match the network's trained parameters")
+        self.groups = groups
+        self.weight = weight
+        self.dice = dice
+        self.output_weights = list(output_weights)
+        self.ignore_label = ignore_label
+        self._targets = None
+
+    @torch.no_grad()
+    def predict_start(self, forward: Callable, data: torch.Tensor) -> None:
+        """The start's segmentation of this batch (every output used), for the next `penalty`."""
+        current = [p.detach().clone() for p in self.params]
+        buffers = [b.clone() for b in self.buffers]
+        for p, s in zip(self.params, self.start):
+            p.copy_(s)
+        try:
+            output = forward(data)
+        finally:
+            for p, c in zip(self.params, current):
+                p.copy_(c)
+            for b, c in zip(self.buffers, buffers):
+                b.copy_(c)
+        self._targets = [merged_log_probs(o, self.groups).argmax(1) if w else None
+                         for o, w in zip(as_list(output), self.output_weights)]
+
+    def penalty(self, output, labels=None) -> torch.Tensor:
+        """The loss against the start's segmentation of the batch `predict_start` saw; 0 without one
+        (validation batches). The voxels the label loss leaves out are left out: those labelled
+        -1 (outside the volume, in a black-box method's cached-feature patches) or `ignore_label`."""
+        targets, self._targets = self._targets, None
+        if targets is None:
+            return 0.0
+        labels = as_list(labels) if labels is not None else [None] * len(targets)
+        total = 0.0
+        for o, t, w, y in zip(as_list(output), targets, self.output_weights, labels):
+            if not w:
+                continue
+            log_p = merged_log_probs(o, self.groups)
+            mask = None  # no data-dependent branch: no device sync per step
+            if y is not None:
+                mask = (y >= 0) if self.ignore_label is None else (y >= 0) & (y != self.ignore_label)
+                t = torch.where(mask[:, 0], t, -1)
+            dice = self.dice(log_p.exp(), t.clamp(min=0)[:, None], loss_mask=None if mask is None else mask.float())
+            total = total + w * (F.nll_loss(log_p, t, ignore_index=-1) + dice)
+        return self.weight * total
+
+
+class AnchoredLoss(nn.Module):
+    """nnU-Net's loss plus the anchor's penalty, called as nnU-Net calls its own loss."""
+
+    def __init__(self, loss: nn.Module, anchor: ZeroShotAnchor):
+        super().__init__()
+        self.loss = loss
+        self.anchor = anchor
+
+    def forward(self, output, target):
+        return self.loss(output, target) + self.anchor.penalty(output, target)
+
+
+# Beside the fold's checkpoints: the start's values of the trained parameters, for --c
+ANCHOR_FILE = "zero_shot_anchor.pth"
+
+
+def anchor_for_training(trainer) -> Tuple[Optional[ZeroShotAnchor], str]:
+    """The zero-shot anchor of an nnUNetTrainerFSEFT's training and the log line about it. At epoch 0
+    from the start (its file written for --c); on --c from the file that start wrote (the network
+    has moved since). None where no target label is known to the foundation, for regions, and on
+    --c of a training begun before the anchor existed (no file)."""
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+    from nnunet_fseft.foundation.record import unwrap
+    labels, manager = trainer.dataset_json["labels"], trainer.label_manager
+    if trainer.current_epoch == 0:
+        groups = None if manager.has_regions else anchor_groups(labels, trainer.known_labels)
+        start = None
+        off = ("regions have no one label per voxel to hold" if manager.has_regions else
+               "no target label is one the foundation knows")
+    elif not os.path.isfile(trainer.anchor_file):  # a training started before the anchor existed
+        groups, start = None, None
+        off = f"{trainer.anchor_file} is missing, so --c continues this training as it began, without one"
+    else:
+        saved = torch.load(trainer.anchor_file, map_location=trainer.device, weights_only=True)
+        groups, start = saved["groups"], saved["start"]
+        off = "as in the training this continues"
+    anchor = None
+    if groups:  # scored as the labels are: nnU-Net's soft Dice and deep-supervision weights
+        dice = MemoryEfficientSoftDiceLoss(batch_dice=trainer.configuration_manager.batch_dice, do_bg=False,
+                                           smooth=1e-5, ddp=trainer.is_ddp)
+        anchor = ZeroShotAnchor(unwrap(trainer.network), groups, trainer.anchor_weight / len(trainer.do_split()[0]),
+                                dice, getattr(trainer.loss, "weight_factors", (1.0,)), start,
+                                manager.ignore_label if manager.has_ignore_label else None)
+    if trainer.current_epoch == 0 and trainer.local_rank == 0:
+        os.makedirs(trainer.output_folder, exist_ok=True)
+        torch.save({"groups": groups, "start": anchor.start if anchor else []}, trainer.anchor_file)
+    if anchor is None:
+        return None, f"zero-shot anchor: off, {off}"
+    names = {v: n for n, v in labels.items() if isinstance(v, int)}
+    return anchor, (f"zero-shot anchor: the start's segmentation of {', '.join(repr(names[g[0]]) for g in groups[1:])} "
+                    f"is one more annotation of each patch, weighted {anchor.weight:g} (1 / K)")

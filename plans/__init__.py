@@ -1,1 +1,0 @@
-"""Plans presets (JSON beside this file), installed as `nnunet_fseft.plans`."""
