@@ -13,6 +13,7 @@ from torch import nn
 from nnunet_fseft.datasets.dataset_json import has_regions, plain_foreground
 from nnunet_fseft.errors import InputError
 from nnunet_fseft.foundation.labels import describe_matches, match_labels
+from nnunet_fseft.network.anatomy import anatomy
 from nnunet_fseft.network.grouped_head import is_grouped
 
 # Below this Dice of an imprinted label on the support voxels, its foundation features barely
@@ -204,7 +205,6 @@ def pretrained_head(network: nn.Module, checkpoint: dict) -> Tuple[list, Optiona
     """The head tensors, as (weight, bias) per head of `network`, of an nnU-Net checkpoint given to
     -pretrained_weights, and the labels of its dataset.json; ([], labels) where it records no labels or
     no head of this network (or the network is a transformer, whose decoder is new for every target)."""
-    from nnunet_fseft.network.anatomy import anatomy
     labels = (checkpoint.get("init_args") or {}).get("dataset_json", {}).get("labels")
     a = anatomy(network)
     weights = checkpoint["network_weights"]

@@ -123,13 +123,9 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
         """The grouped head's rows per target channel that adopt recorded (None: a plain head)."""
         return recorded_head_rows(plans, num_output_channels) if cls.group_unmatched else None
 
-    @staticmethod
-    def pretrained_weights_path() -> Optional[str]:
-        return pretrained_weights_argument()
-
     @classmethod
     def pretrained_weights_follow(cls) -> bool:
-        return cls.pretrained_weights_path() is not None
+        return pretrained_weights_argument() is not None
 
     def initialize(self):
         if (self.foundation is None or self.pretrained_weights_follow()) and not self._restoring:
@@ -161,7 +157,7 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
     def start_head_from_pretrained_weights(self, network: torch.nn.Module) -> None:
         """On nnU-Net's own transfer route nnU-Net loads everything but the head; the head starts as
         on the adopt route, from the rows of the checkpoint's labels (its dataset.json is in it)."""
-        heads, labels = pretrained_head(network, read_checkpoint(self.pretrained_weights_path()))
+        heads, labels = pretrained_head(network, read_checkpoint(pretrained_weights_argument()))
         if not heads:
             self.print_to_log_file("head initialisation: the -pretrained_weights checkpoint records no labels or "
                                    "no head of this network (new head)")

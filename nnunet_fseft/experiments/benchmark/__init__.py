@@ -1,2 +1,3 @@
-"""`nnunet-fseft benchmark`: the FSEFT protocol (protocol.py), run through nnU-Net's commands (runs.py), in an output folder that keeps what it did not write (output_folder.py), reported as tables and figures (report.py)."""
-from nnunet_fseft.experiments.benchmark.runs import benchmark  # noqa: F401 -- the entry point
+"""`nnunet-fseft benchmark`: the FSEFT protocol (protocol.py), run through nnU-Net's commands
+(runs.py), in an output folder that keeps what it did not write (output_folder.py), reported as
+tables and figures (report.py)."""

@@ -4,7 +4,6 @@ import os
 import platform
 from typing import List, Optional
 
-from nnunet_fseft.environment import schedule_overrides
 from nnunet_fseft.errors import InputError
 
 
@@ -40,11 +39,6 @@ def run_order(ks: List[int], repeats: int, methods: list) -> list:
     by_size = sorted(set(ks))
     return [(m, k, r, by_size.index(k) * repeats + r) for k in dict.fromkeys(ks) for r in range(repeats)
             for m in methods]
-
-
-def schedule() -> dict:
-    """The schedule every run of this benchmark gets: the overrides set, None where the trainers' own."""
-    return schedule_overrides()
 
 
 def run_env(trainer_cls, device: str, held_out: str) -> dict:

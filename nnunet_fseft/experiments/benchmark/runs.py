@@ -19,9 +19,10 @@ from typing import List, Optional
 
 from nnunet_fseft.datasets.dataset_json import has_regions, plain_foreground
 from nnunet_fseft.datasets.safe_write import backup_name
+from nnunet_fseft.environment import schedule_overrides
 from nnunet_fseft.errors import InputError
 from nnunet_fseft.experiments.benchmark.output_folder import MANIFEST, OutputFolder, link_held_out
-from nnunet_fseft.experiments.benchmark.protocol import (folds, machine, method_trainers, run_env, run_order, schedule,
+from nnunet_fseft.experiments.benchmark.protocol import (folds, machine, method_trainers, run_env, run_order,
                                                          unlearned_labels, versions)
 from nnunet_fseft.experiments.benchmark.report import write_reports
 from nnunet_fseft.plans import PLANS_NAME
@@ -56,7 +57,7 @@ def benchmark(foundation: str, dataset: str, ks: List[int], repeats: int, method
         raw, read_dataset_json(os.path.join(raw, "dataset.json"))).items()}
     splits = folds(sorted(set(ks)), repeats, sorted(images), test)  # checks K + test <= cases first
     checkpoint = foundation_checkpoint(foundation, fold, "checkpoint_final.pth")
-    identity = {"dataset": name, "foundation_sha256": sha256(checkpoint), "schedule": schedule(),
+    identity = {"dataset": name, "foundation_sha256": sha256(checkpoint), "schedule": schedule_overrides(),
                 "held_out": splits[0]["val"]}
     folder = OutputFolder(out, identity)  # refuses another benchmark's folder
     backups = folder.claim()
