@@ -32,14 +32,26 @@ def cmd_kshot(args):
         print(f"Kept the previous splits as {backup}")
     for warning in warnings:
         print(f"Warning: {warning}")
-    print(f"Wrote {path}: {len(splits)} folds of K={args.k} support cases, "
+    k = len(splits[0]["train"])
+    every = " (all: every case outside the held-out set)" if str(args.k).strip().lower() == "all" else ""
+    print(f"Wrote {path}: {len(splits)} folds of K={k}{every} support cases, "
           f"{len(splits[0]['val'])} held-out cases shared by every fold.")
 
 
 def cmd_synth(args):
-    from nnunet_fseft.datasets.synth import synth_dataset
-    path = synth_dataset(args.d, args.cases, args.organs, seed=args.seed, name=args.name, scanner=args.scanner,
-                         num_test=args.test, shape=tuple(args.shape))
+    if args.task == "brats":
+        if args.organs is not None:
+            raise InputError("--organs applies to --task ct only (BraTS-like cases are always labelled edema, "
+                             "necrosis and enhancing tumour); leave --organs out.")
+        from nnunet_fseft.datasets.synth_brats import synth_brats_dataset
+        path = synth_brats_dataset(args.d, args.cases, seed=args.seed, name=args.name,
+                                   population={"A": "source", "B": "target"}[args.scanner], num_test=args.test,
+                                   shape=tuple(args.shape or (32, 32, 32)))
+    else:
+        from nnunet_fseft.datasets.synth import synth_dataset
+        organs = args.organs if args.organs is not None else ["liver", "spleen", "kidney_left", "kidney_right"]
+        path = synth_dataset(args.d, args.cases, organs, seed=args.seed, name=args.name, scanner=args.scanner,
+                             num_test=args.test, shape=tuple(args.shape or (48, 48, 48)))
     print(f"Wrote {path}")
 
 
@@ -60,14 +72,18 @@ def cmd_benchmark(args):
     from nnunet_fseft.experiments.benchmark.runs import benchmark
     result = benchmark(args.foundation, args.d, args.k, args.repeats, args.methods, args.test, args.o, args.fold,
                        args.device)
-    print(f"Wrote results.csv, results.json, report.md and figures in {args.o}")
+    print(f"Wrote results.csv, per_case.csv, results.json, report.md and figures in {args.o}")
     if result.get("failed"):  # the other runs were made and reported; scripts still need to notice
         sys.exit(1)
 
 
 def cmd_demo(args):
-    from nnunet_fseft.experiments.demo import run_demo
-    run_demo(args.workdir, args.device)
+    if args.task == "brats":
+        from nnunet_fseft.experiments.demo_brats import run_brats_demo
+        run_brats_demo(args.workdir, args.device)
+    else:
+        from nnunet_fseft.experiments.demo import run_demo
+        run_demo(args.workdir, args.device)
 
 
 def cmd_params(args):
@@ -157,21 +173,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("kshot", help="write K-shot splits_final.json (fold r = repeat r)")
     s.add_argument("-d", required=True)
-    s.add_argument("-k", "--k", dest="k", type=int, required=True, help="support cases per fold")
+    s.add_argument("-k", "--k", dest="k", required=True,
+                   help="support cases per fold, or 'all': every case outside the held-out set")
     s.add_argument("--repeats", type=int, default=3)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--test", type=int, default=10, help="held-out cases, the same for every fold")
     s.set_defaults(func=cmd_kshot)
 
-    s = sub.add_parser("synth", help="write a synthetic CT-like raw nnU-Net dataset")
+    s = sub.add_parser("synth", help="write a synthetic raw nnU-Net dataset: CT-like abdomen or BraTS-like brain tumour MRI")
+    s.add_argument("--task", default="ct", choices=["ct", "brats"],
+                   help="ct: abdominal CT phantoms (default); brats: T1, T1ce, T2, FLAIR with edema, necrosis and "
+                        "enhancing tumour, trained as nnU-Net regions")
     s.add_argument("-d", type=int, required=True)
     s.add_argument("--cases", type=int, required=True)
-    s.add_argument("--organs", nargs="+", default=["liver", "spleen", "kidney_left", "kidney_right"])
+    s.add_argument("--organs", nargs="+", default=None,
+                   help="ct only: the organs to label (default liver spleen kidney_left kidney_right)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--name", default=None)
-    s.add_argument("--scanner", default="A", choices=["A", "B"], help="B: another scanner (noise, contrast, spacing)")
+    s.add_argument("--scanner", default="A", choices=["A", "B"],
+                   help="ct: B is another scanner (noise, contrast, spacing); brats: A is the source population "
+                        "(BraTS-2021-like), B the target (BraTS-Africa-like: thick slices, low SNR, bias, weak "
+                        "enhancement, larger tumours)")
     s.add_argument("--test", type=int, default=0, help="extra cases in imagesTs/labelsTs")
-    s.add_argument("--shape", type=int, nargs=3, default=[48, 48, 48])
+    s.add_argument("--shape", type=int, nargs=3, default=None, help="z y x voxels (default 48 48 48 for ct, 32 32 32 for brats)")
     s.set_defaults(func=cmd_synth)
 
     s = sub.add_parser("combine", help="pool partially labelled raw datasets into one, for foundation pre-training")
@@ -224,11 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--foundation", required=True, help="the foundation's nnU-Net model folder")
     s.add_argument("-f", "--fold", dest="fold", default="all", help="fold of the foundation (default all)")
     s.add_argument("-d", required=True, help="target dataset id or name (in nnUNet_raw; adopted if needed)")
-    s.add_argument("-k", "--k", dest="k", type=int, nargs="+", default=[1, 5, 10],
-                   help="support cases per run; the K values run in the order given (-k 5 1: K = 5 first)")
+    s.add_argument("-k", "--k", dest="k", nargs="+", default=[1, 5, 10],
+                   help="support cases per run, or 'all': every case outside the held-out set; the K values run "
+                        "in the order given (-k 5 1: K = 5 first)")
     s.add_argument("--repeats", type=int, default=3)
     s.add_argument("--methods", nargs="+", default=["LoRA", "SpatialAdapter", "FullFT"],
-                   help="trainer names without nnUNetTrainerFSEFT_")
+                   help="trainer names without nnUNetTrainerFSEFT_ (also Start, the step-0 network, and "
+                        "TargetOnly, the target trained alone from scratch)")
     s.add_argument("--test", type=int, default=10, help="held-out cases, the same for every run")
     s.add_argument("-o", required=True, help="output folder (results.csv, results.json, report.md, figures)")
     _device_arg(s)
@@ -236,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="the whole few-shot loop on synthetic data, end to end")
     _device_arg(s)
+    s.add_argument("--task", default="ct", choices=["ct", "brats"],
+                   help="ct: a novel abdominal organ on another scanner (default); brats: brain-tumour MRI regions "
+                        "on a shifted population (PEFT-MedNeXt's setting)")
     s.add_argument("--workdir", default=os.path.join(os.getcwd(), "nnunet_fseft_demo"))
     s.set_defaults(func=cmd_demo)
     return p

@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from helpers import BASE_TARGET_ID, BASE_TARGET_LABELS, BASE_TARGET_ORGANS, FOUNDATION_ID, TARGET_ID, TRAIN_ENV, run
+from helpers import (BASE_TARGET_ID, BASE_TARGET_LABELS, BASE_TARGET_ORGANS, BRATS_FOUNDATION_ID, BRATS_TARGET_ID,
+                     FOUNDATION_ID, TARGET_ID, TRAIN_ENV, run)
 
 
 def pytest_collection_modifyitems(items):
@@ -82,3 +83,29 @@ def base_target(foundation, workspace):
     run(["nnunet-fseft", "adopt", "--foundation", foundation, "-d", BASE_TARGET_ID])
     run(["nnunet-fseft", "kshot", "-d", BASE_TARGET_ID, "-k", "1", "--repeats", "1", "--test", "2"])
     return BASE_TARGET_ID
+
+
+@pytest.fixture(scope="session")
+def brats_foundation(workspace):
+    """A tiny region-based foundation (4 MRI channels; whole tumour, tumour core, enhancing tumour
+    as sigmoid outputs) trained by nnU-Net on the source population; returns its results folder."""
+    run(["nnunet-fseft", "synth", "--task", "brats", "-d", BRATS_FOUNDATION_ID, "--cases", "5"])
+    run(["nnUNetv2_plan_and_preprocess", "-d", BRATS_FOUNDATION_ID, "-c", "3d_fullres", "-np", "2"])
+    from nnunet_fseft.plans.presets import apply_preset
+    plans = apply_preset(BRATS_FOUNDATION_ID, "cpu_tiny")
+    run(["nnUNetv2_train", BRATS_FOUNDATION_ID, "3d_fullres", "all", "-p", plans, "-tr", "nnUNetTrainerFSEFT_Pretrain",
+         "-device", "cpu"], env=TRAIN_ENV)
+    folder = (workspace / "nnUNet_results" / "Dataset300_SynthBraTSSource" /
+              f"nnUNetTrainerFSEFT_Pretrain__{plans}__3d_fullres")
+    assert (folder / "fold_all" / "checkpoint_final.pth").is_file()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def brats_target(brats_foundation):
+    """The shifted population, adopted, split 2-shot x 1 with 2 held-out cases, and 2 imagesTs scans."""
+    run(["nnunet-fseft", "synth", "--task", "brats", "-d", BRATS_TARGET_ID, "--cases", "6", "--scanner", "B",
+         "--test", "2", "--seed", "1"])
+    run(["nnunet-fseft", "adopt", "--foundation", brats_foundation, "-d", BRATS_TARGET_ID])
+    run(["nnunet-fseft", "kshot", "-d", BRATS_TARGET_ID, "-k", "2", "--repeats", "1", "--test", "2"])
+    return BRATS_TARGET_ID

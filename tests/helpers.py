@@ -4,6 +4,9 @@ import glob
 import os
 
 FOUNDATION_ID, TARGET_ID, BASE_TARGET_ID = "100", "501", "503"
+# Brain-tumour MRI (nnunet-fseft synth --task brats): a region-based foundation on the source
+# population (BraTS-2021-like) and a target from the shifted one (BraTS-Africa-like)
+BRATS_FOUNDATION_ID, BRATS_TARGET_ID = "300", "301"
 # The foundation's four organs (liver 1, spleen 2, kidney_left 3, kidney_right 4) under other names
 # and in another order: zero-shot matching must find every one and map each to its own channel.
 BASE_TARGET_ORGANS = ["spleen", "liver", "kidney_right", "kidney_left"]

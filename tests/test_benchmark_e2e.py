@@ -46,7 +46,7 @@ def test_benchmark_writes_every_file_and_resumes(foundation, workspace, tmp_path
     assert set(result["summary"]) == {"LinearProbeTI|K=1", "BitFit|K=1"} and "spleen" in result["zero_shot"]
     assert result["benchmark"]["dataset"] == "Dataset504_BenchTarget" and len(result["benchmark"]["held_out"]) == 2
     report = (out / "report.md").read_text()
-    assert "| zero-shot |" in report and "| LinearProbeTI |" in report and "![cost](cost.png)" in report
+    assert "| zero-shot (source-only) |" in report and "| LinearProbeTI |" in report and "![cost](cost.png)" in report
 
     runs, trainings = (out / "runs.jsonl").read_text(), (out / "log.txt").read_text().count("nnUNetv2_train ")
     again = run(args, env=TRAIN_ENV).stdout

@@ -124,6 +124,19 @@ def test_a_failed_benchmark_leaves_no_empty_log_and_no_folder(nnunet_folders, ca
     assert "Nothing ran, so results.csv moved back from the backups" in capsys.readouterr().out
 
 
+def test_k_all_is_every_case_outside_the_held_out_set_and_a_bad_k_is_refused_before_any_work(nnunet_folders, capsys):
+    root, model = nnunet_folders
+    with pytest.raises(InputError, match="^-k 'abc' is not a number of support cases"):
+        benchmark(str(model), "601", [1, "abc"], 1, ["LoRA"], 2, str(root / "bench"))
+    assert not (root / "bench").exists()
+    with pytest.raises(InputError, match="not an nnU-Net checkpoint"):  # adopt: after K is resolved and checked
+        benchmark(str(model), "601", ["all"], 2, ["LoRA"], 2, str(root / "bench"))
+    said = capsys.readouterr().out
+    assert "Warning: K = 2 takes every one of the 2 cases outside the held-out set, so all 2 folds train" in said
+    with pytest.raises(InputError, match="fewer than K"):
+        benchmark(str(model), "601", ["all", 3], 1, ["LoRA"], 2, str(root / "bench"))
+
+
 def test_a_folder_of_an_older_version_says_that_its_runs_are_retrained(nnunet_folders, capsys):
     root, model = nnunet_folders
     old = root / "old"
@@ -171,7 +184,9 @@ def test_a_failed_run_is_recorded_reported_and_retried_while_the_others_go_on(tm
     result = write_reports(folder, rows, None, [1], ["LoRA", "BitFit"])
     assert [r["method"] for r in result["runs"]] == ["BitFit"] and [r["method"] for r in result["failed"]] == ["LoRA"]
     report = (tmp_path / "out" / "report.md").read_text()
-    assert "| LoRA | failed | - | - | - | - | - |" in report and "| BitFit | 0.500 (1 run) | 10 |" in report
+    # per K: Dice, sd over cases (none without per-case scores), sensitivity, specificity; then the costs
+    assert "| LoRA | failed | - | - | - | - | - | - | - | - |" in report
+    assert "| BitFit | 0.500 (1 run) | - | 0.600 | 0.900 | 10 |" in report
     assert "- LoRA K=1 repeat 0 (fold 0): python failed: RuntimeError: the training loss is nan" in report
     assert [r["method"] for r in csv_rows(tmp_path / "out" / "results.csv")] == ["BitFit"]
 
@@ -256,8 +271,10 @@ def test_a_benchmark_runs_a_users_subclass_by_its_class_name(tmp_path, monkeypat
         "from nnunet_fseft.trainers import nnUNetTrainerFSEFT_LoRA\n\n"
         "class MyLoRA_lr1e3(nnUNetTrainerFSEFT_LoRA):\n    learning_rate = 1e-3\n")
     monkeypatch.setenv("nnUNet_extTrainer", os.pathsep.join([str(tmp_path), os.environ.get("nnUNet_extTrainer", "")]))
-    found = method_trainers(["LoRA", "MyLoRA_lr1e3"])
+    found = method_trainers(["LoRA", "MyLoRA_lr1e3", "TargetOnly", "Start"])
     assert found["LoRA"] is METHODS["nnUNetTrainerFSEFT_LoRA"]
+    assert found["TargetOnly"].__name__ == "nnUNetTrainerFSEFT_TargetOnly"  # the paper's target-only row
+    assert found["Start"].__name__ == "nnUNetTrainerFSEFT_Start"
     assert found["MyLoRA_lr1e3"].__name__ == "MyLoRA_lr1e3" and found["MyLoRA_lr1e3"].learning_rate == 1e-3
     for bad in ("nnUNetTrainer", "Nope"):
         with pytest.raises(InputError, match=f"Unknown method '{bad}'"):

@@ -26,7 +26,7 @@ def test_groups_put_unmatched_classes_with_background_and_give_new_labels_new_ro
     assert head_groups(TARGET, FOUNDATION) == [[0, 1, 4], [3], [2]]
     assert head_groups({"background": 0, "pancreas": 1, "lien": 2}, FOUNDATION) == [[0, 1, 3, 4], [5], [2]]
     assert head_groups({**TARGET, "ignore": 3}, FOUNDATION) == [[0, 1, 4], [3], [2]]  # no channel for ignore
-    assert head_groups({"background": 0, "liver": (1,)}, FOUNDATION) is None  # regions: not grouped
+    assert head_groups({"background": 0, "liver": (1, 2)}, FOUNDATION) is None  # regions: not grouped
 
 
 def test_folded_softmax_is_the_foundations_softmax_summed_per_target_label():

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from helpers import fails_with, nnunet_folders, run
-from nnunet_fseft.datasets.kshot import identical_fold_warnings, identical_folds, kshot_splits, write_kshot_splits
+from nnunet_fseft.datasets.kshot import (identical_fold_warnings, identical_folds, kshot_splits, parse_k,
+                                         write_kshot_splits)
 from nnunet_fseft.datasets.synth import synth_dataset
 from nnunet_fseft.errors import InputError
 
@@ -74,6 +75,31 @@ def test_whole_pool_is_allowed():
     splits = kshot_splits(CASES, 15, 2, seed=0, test=5)
     for fold in splits:
         assert sorted(fold["train"] + fold["val"]) == sorted(CASES)
+
+
+def test_k_all_is_every_case_outside_the_held_out_set():
+    assert parse_k("all", 20, 5) == 15 and parse_k("ALL", 20, 5) == 15
+    assert parse_k("5", 20, 5) == 5 and parse_k(5, 20, 5) == 5  # from the command line, or from Python
+    splits = kshot_splits(CASES, parse_k("all", len(CASES), 5), 3, seed=0, test=5)
+    assert all(sorted(f["train"] + f["val"]) == sorted(CASES) and len(f["train"]) == 15 for f in splits)
+    assert identical_folds(splits) == [[0, 1, 2]]
+    assert len(identical_fold_warnings(splits, pool=15)) == 1
+
+
+@pytest.mark.parametrize("text, words", [("abc", "-k 'abc' is not a number of support cases"),
+                                         ("2.5", "-k '2.5' is not a number"), ("0", "-k 0 is below 1"),
+                                         ("-1", "-k -1 is below 1"), ("", "-k '' is not a number")])
+def test_a_k_that_is_no_number_of_cases_is_refused_in_one_sentence(text, words):
+    with pytest.raises(InputError) as info:
+        parse_k(text, 20, 5)
+    message = str(info.value)
+    assert message.startswith(words) and "'all'" in message and message.count(". ") == 0 and message.endswith(".")
+
+
+def test_k_all_with_every_case_held_out_is_refused():
+    with pytest.raises(InputError, match="^-k all leaves no support case: the dataset has 5 training cases and --test "
+                                         "holds out 5 of them; lower --test.$"):
+        parse_k("all", 5, 5)
 
 
 def test_identical_folds_are_found():
@@ -184,3 +210,19 @@ def test_cli_kshot_writes_the_splits(tiny_dataset):
     written = _load(path)
     assert written == write_kshot_splits(str(DATASET_ID), 2, repeats=2, seed=0, test=3)[1]
     assert path in result.stdout
+
+
+def test_cli_kshot_k_all_takes_every_case_outside_the_held_out_set(tiny_dataset):
+    result = run(["nnunet-fseft", "kshot", "-d", DATASET_ID, "-k", "all", "--test", "2", "--repeats", "2"])
+    path = os.path.join(str(tiny_dataset["preprocessed"]), tiny_dataset["name"], "splits_final.json")
+    written = _load(path)
+    assert [len(f["train"]) for f in written] == [4, 4] and written[0]["train"] == written[1]["train"]
+    assert "K = 4 takes every one of the 4 cases outside the held-out set" in result.stdout
+    assert "2 folds of K=4 (all: every case outside the held-out set) support cases" in result.stdout
+
+
+def test_cli_kshot_k_that_is_no_number_exits_2_with_one_error_line(tiny_dataset):
+    fails_with(["nnunet-fseft", "kshot", "-d", DATASET_ID, "-k", "abc"], "-k 'abc' is not a number of support cases")
+    fails_with(["nnunet-fseft", "kshot", "-d", DATASET_ID, "-k", "0"], "-k 0 is below 1")
+    assert not os.path.exists(os.path.join(str(tiny_dataset["preprocessed"]), tiny_dataset["name"],
+                                           "splits_final.json"))

@@ -15,7 +15,7 @@ import shutil
 from typing import Dict, List, Optional
 
 from nnunet_fseft.datasets.dataset_json import (ANNOTATIONS, ANNOTATIONS_KEY, channels, dataset_name, has_regions,
-                                                read_dataset_json, read_json)
+                                                plain_foreground, read_dataset_json, read_json)
 from nnunet_fseft.environment import require_env
 from nnunet_fseft.errors import InputError
 from nnunet_fseft.foundation.labels import canonical
@@ -43,7 +43,7 @@ def _source_labels(name: str, dataset_json: dict) -> Dict[str, int]:
     if "ignore" in labels:
         raise InputError(f"{name} has an 'ignore' label; combine cannot pool sparse annotations, so fill "
                          f"or remove its ignore label first.")
-    return {n: v for n, v in labels.items() if v != 0}
+    return plain_foreground(labels)
 
 
 def unify_labels(sources: Dict[str, Dict[str, int]], label_map: Dict[str, str]):

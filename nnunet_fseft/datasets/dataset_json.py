@@ -52,15 +52,25 @@ def read_dataset_json(path: str) -> dict:
 
 
 def has_regions(labels: dict) -> bool:
-    """A label set with regions (a label given as several values): sigmoid outputs, one channel per
-    region, not one class per voxel."""
-    return any(not isinstance(v, int) for v in labels.values())
+    """A label set with regions (a label given as several values, as nnU-Net's LabelManager decides):
+    sigmoid outputs, one channel per region, not one class per voxel."""
+    return any(isinstance(v, (list, tuple)) and len(v) > 1 for v in labels.values())
+
+
+def region_channels(labels: dict) -> dict:
+    """name -> (output channel, its label values) of a region-based label set, in nnU-Net's order
+    (the order of dataset.json, background and the ignore label left out): channel i of the sigmoid
+    head is the i-th region."""
+    regions = [(n, tuple(v) if isinstance(v, (list, tuple)) else (int(v),)) for n, v in labels.items()
+               if n != "ignore" and set(v if isinstance(v, (list, tuple)) else [v]) != {0}]
+    return {n: (i, values) for i, (n, values) in enumerate(regions)}
 
 
 def plain_labels(labels: dict) -> dict:
     """name -> value of the single-valued labels, background included (regions and nnU-Net's ignore
-    label left out)."""
-    return {n: int(v) for n, v in labels.items() if isinstance(v, int) and n != "ignore"}
+    label left out; a list of one value is that value, as nnU-Net reads it)."""
+    one = {n: v[0] if isinstance(v, (list, tuple)) and len(v) == 1 else v for n, v in labels.items()}
+    return {n: int(v) for n, v in one.items() if isinstance(v, int) and n != "ignore"}
 
 
 def plain_foreground(labels: dict) -> dict:

@@ -3,8 +3,12 @@
 Fold r trains on K cases drawn with seed S + r; every fold validates on the same N held-out
 cases (drawn once with seed S), so Dice is comparable across K, repeats and methods. The
 support cases of every fold come from the cases left after the held-out set.
+
+K is a number of at least 1, or "all": every case outside the held-out set (K = cases - test);
+`parse_k` is the one place that reads it, for `kshot -k` and `benchmark -k` alike.
 """
 import os
+from typing import Union
 
 import numpy as np
 
@@ -21,6 +25,30 @@ def training_cases(name: str) -> list:
     return sorted(get_filenames_of_train_images_and_targets(folder, dataset_json))
 
 
+ALL = "all"
+
+
+def parse_k(value: Union[int, str], n_cases: int, test: int) -> int:
+    """K as given (a number, or "all") for a dataset of `n_cases` training cases with `test` held out:
+    "all" is every case outside the held-out set, n_cases - test. Raises a one-sentence InputError
+    for anything else, or a K below 1."""
+    text = str(value).strip()
+    if text.lower() == ALL:
+        if n_cases - test < 1:
+            raise InputError(f"-k all leaves no support case: the dataset has {n_cases} training cases and --test "
+                             f"holds out {test} of them; lower --test.")
+        return n_cases - test
+    try:
+        k = int(text)
+    except ValueError:
+        raise InputError(f"-k {text!r} is not a number of support cases; give a whole number of at least 1, or "
+                         f"'all' (every case outside the held-out set).") from None
+    if k < 1:
+        raise InputError(f"-k {k} is below 1; give at least one support case, or 'all' (every case outside the "
+                         f"held-out set).")
+    return k
+
+
 def kshot_splits(cases: list, k: int, repeats: int, seed: int, test: int) -> list:
     cases = sorted(cases)
     if k < 1 or repeats < 1 or test < 1:
@@ -34,13 +62,14 @@ def kshot_splits(cases: list, k: int, repeats: int, seed: int, test: int) -> lis
              "val": held_out} for r in range(repeats)]
 
 
-def write_kshot_splits(dataset: str, k: int, repeats: int = 3, seed: int = 0, test: int = 10):
-    """Writes nnUNet_preprocessed/DatasetX/splits_final.json (an existing one is kept as a backup).
+def write_kshot_splits(dataset: str, k: Union[int, str], repeats: int = 3, seed: int = 0, test: int = 10):
+    """Writes nnUNet_preprocessed/DatasetX/splits_final.json (an existing one is kept as a backup);
+    `k` a number or "all" (`parse_k`: every case outside the held-out set).
     Returns (path, splits, backup path or '', warnings: a sentence for each group of identical folds).
     Identical folds are written anyway: they still measure the training's own variation."""
     name = dataset_name(dataset)
     cases = training_cases(name)
-    splits = kshot_splits(cases, k, repeats, seed, test)
+    splits = kshot_splits(cases, parse_k(k, len(cases), test), repeats, seed, test)
     folder = os.path.join(require_env("nnUNet_preprocessed"), name)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "splits_final.json")

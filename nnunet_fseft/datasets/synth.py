@@ -178,35 +178,37 @@ def _check_shape(shape) -> tuple:
     return shape
 
 
-def _write_case(image, label, spacing, image_path: str, label_path: str) -> None:
-    img = sitk.GetImageFromArray(image)
-    img.SetSpacing(tuple(reversed(spacing)))  # SimpleITK spacing is (x, y, z)
+def _write_case(images, label, spacing, images_dir: str, labels_dir: str, case: str) -> None:
+    """Write one case as nnU-Net names it: CASE_0000.nii.gz, CASE_0001.nii.gz, ... (one file per channel) and CASE.nii.gz."""
     lab = sitk.GetImageFromArray(label)
-    lab.CopyInformation(img)  # nnU-Net requires the image and label to share spacing, origin and direction
-    sitk.WriteImage(img, image_path, useCompression=True)
-    sitk.WriteImage(lab, label_path, useCompression=True)
+    lab.SetSpacing(tuple(reversed(spacing)))  # SimpleITK spacing is (x, y, z)
+    for channel, image in enumerate(images):
+        img = sitk.GetImageFromArray(image)
+        img.CopyInformation(lab)  # nnU-Net requires the images and label to share spacing, origin and direction
+        sitk.WriteImage(img, os.path.join(images_dir, f"{case}_{channel:04d}.nii.gz"), useCompression=True)
+    sitk.WriteImage(lab, os.path.join(labels_dir, f"{case}.nii.gz"), useCompression=True)
 
 
-def synth_dataset(dataset_id: int, num_cases: int, organs: list[str], seed: int = 0,
-                  name: str | None = None, scanner: str = "A", num_test: int = 0,
-                  shape: tuple[int, int, int] = (48, 48, 48)) -> str:
-    """Write $nnUNet_raw/DatasetXXX_NAME/{imagesTr,labelsTr,imagesTs,labelsTs,dataset.json}; return the dataset folder path.
-
-    Test cases continue the case numbering (and so the seeds) after the training cases. Their labels
-    go to labelsTs, for evaluation.
-    """
+def _raw_folder() -> str:
+    """The nnUNet_raw folder, or an InputError when it is not set."""
     from nnunetv2.paths import nnUNet_raw  # imported here: the env var may be set after this module is imported
     raw = os.fspath(nnUNet_raw) if nnUNet_raw else None
     if not raw:
         raise InputError("nnUNet_raw is not set; export nnUNet_raw=/path/to/nnUNet_raw before generating a dataset.")
-    organs = list(organs)
-    _check_args(organs, scanner)
-    shape = _check_shape(shape)
-    if not organs:
-        raise InputError(f"At least one organ must be labelled; known organs are: {', '.join(ORGANS)}.")
+    return raw
+
+
+def _write_dataset(raw: str, dataset_id: int, name: str, num_cases: int, num_test: int, make_case,
+                   channel_names: dict, labels: dict, description: str, **extra) -> str:
+    """Write raw/DatasetXXX_NAME/ from `make_case(i) -> (channel images, label, spacing)`; return its path.
+
+    The id, counts and name are checked first, and an id already in use is refused. Cases are written into a
+    temporary folder that is renamed only when complete, so a failure leaves no half-written dataset behind.
+    Test cases continue the case numbering after the training cases; their labels go to labelsTs.
+    `extra` keys (e.g. regions_class_order) go into dataset.json after the labels.
+    """
     if not 1 <= int(dataset_id) <= 999 or num_cases < 1 or num_test < 0:
         raise InputError("Need 1 <= dataset_id <= 999, num_cases >= 1 and num_test >= 0.")
-    name = name or f"SynthCT{scanner}"
     if not name.replace("_", "").replace("-", "").isalnum():
         raise InputError(f"Dataset name {name!r} may only contain letters, digits, '_' and '-'.")
     os.makedirs(raw, exist_ok=True)
@@ -220,15 +222,13 @@ def synth_dataset(dataset_id: int, num_cases: int, organs: list[str], seed: int 
         for sub in ("imagesTr", "labelsTr") + (("imagesTs", "labelsTs") if num_test else ()):
             os.makedirs(os.path.join(tmp, sub))
         for i in range(num_cases + num_test):
-            case, split = f"{name}_{i:03d}", ("Tr" if i < num_cases else "Ts")
-            image, label, spacing = case_arrays(seed * 100003 + i, organs, scanner, shape)
-            _write_case(image, label, spacing, os.path.join(tmp, f"images{split}", f"{case}_0000.nii.gz"),
-                        os.path.join(tmp, f"labels{split}", f"{case}.nii.gz"))
-        meta = {"channel_names": {"0": "CT"},
-                "labels": {"background": 0, **{o: i for i, o in enumerate(organs, start=1)}},
+            split = "Tr" if i < num_cases else "Ts"
+            images, label, spacing = make_case(i)
+            _write_case(images, label, spacing, os.path.join(tmp, f"images{split}"), os.path.join(tmp, f"labels{split}"),
+                        f"{name}_{i:03d}")
+        meta = {"channel_names": channel_names, "labels": labels, **extra,
                 "numTraining": num_cases, "numTest": num_test, "file_ending": ".nii.gz", "name": name,
-                "description": f"Synthetic CT-like abdominal phantoms (scanner {scanner}, seed {seed}, shape {list(shape)}); "
-                               f"all organs are drawn in the image but only the listed labels are annotated."}
+                "description": description}
         with open(os.path.join(tmp, "dataset.json"), "w") as f:
             json.dump(meta, f, indent=2)
         os.rename(tmp, final)
@@ -236,3 +236,29 @@ def synth_dataset(dataset_id: int, num_cases: int, organs: list[str], seed: int 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def synth_dataset(dataset_id: int, num_cases: int, organs: list[str], seed: int = 0,
+                  name: str | None = None, scanner: str = "A", num_test: int = 0,
+                  shape: tuple[int, int, int] = (48, 48, 48)) -> str:
+    """Write $nnUNet_raw/DatasetXXX_NAME/{imagesTr,labelsTr,imagesTs,labelsTs,dataset.json}; return the dataset folder path.
+
+    Test cases continue the case numbering (and so the seeds) after the training cases. Their labels
+    go to labelsTs, for evaluation.
+    """
+    raw = _raw_folder()
+    organs = list(organs)
+    _check_args(organs, scanner)
+    shape = _check_shape(shape)
+    if not organs:
+        raise InputError(f"At least one organ must be labelled; known organs are: {', '.join(ORGANS)}.")
+
+    def make_case(i):
+        image, label, spacing = case_arrays(seed * 100003 + i, organs, scanner, shape)
+        return [image], label, spacing
+
+    return _write_dataset(
+        raw, dataset_id, name or f"SynthCT{scanner}", num_cases, num_test, make_case,
+        channel_names={"0": "CT"}, labels={"background": 0, **{o: i for i, o in enumerate(organs, start=1)}},
+        description=f"Synthetic CT-like abdominal phantoms (scanner {scanner}, seed {seed}, shape {list(shape)}); "
+                    f"all organs are drawn in the image but only the listed labels are annotated.")

@@ -98,13 +98,18 @@ def _show_epoch(line: str) -> None:
         print(f"          epoch {m.group(1)}", flush=True)
 
 
-def run_demo(workdir: str, device: str = "cpu") -> dict:
+def check_demo_args(workdir: str, device: str) -> None:
+    """A demo starts in an empty folder, and on a GPU only where torch sees one."""
     if os.path.isdir(workdir) and os.listdir(workdir):
         raise InputError(f"{workdir} is not empty; pass another --workdir or remove it.")
     if device == "cuda":
         import torch
         if not torch.cuda.is_available():
             raise InputError("--device cuda was given but torch sees no GPU; use --device cpu.")
+
+
+def run_demo(workdir: str, device: str = "cpu") -> dict:
+    check_demo_args(workdir, device)
     from nnunet_fseft.sharing.costs import method_costs
     from nnunet_fseft.datasets.kshot import write_kshot_splits
     from nnunet_fseft.plans.load import load_plans

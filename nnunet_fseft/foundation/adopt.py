@@ -18,6 +18,7 @@ import socket
 import torch
 
 from nnunet_fseft.datasets.dataset_json import channels, dataset_name, read_dataset_json, read_json
+from nnunet_fseft.foundation.labels import mixed_outputs
 from nnunet_fseft.datasets.safe_write import backup_name, save_json_kept
 from nnunet_fseft.environment import require_env
 from nnunet_fseft.errors import InputError
@@ -69,10 +70,22 @@ def check_finite(weights: dict, path: str) -> None:
 
 
 def check_channels(foundation_json: dict, target_json: dict, target: str) -> None:
+    """The target's input channels must be the foundation's, by name and in the same order: the
+    network reads channel i as the modality it was trained on (for MRI, T1 / T1ce / T2 / FLAIR).
+    Their normalisation then is the foundation's by construction: the target is preprocessed with
+    the foundation's plans, which fix one scheme per channel (nnU-Net chose it from the same names)."""
     f, t = channels(foundation_json), channels(target_json)
-    if f != t:
-        raise InputError(f"{target} has input channels {t} but the foundation was trained on {f}; "
-                         f"the target's channel count and modalities must match the foundation's.")
+    if f == t:
+        return
+    if sorted(f) == sorted(t):
+        raise InputError(f"{target} has the foundation's input channels in another order ({t}, the foundation "
+                         f"{f}); number the target's image files (_0000, _0001, ...) and its channel_names in the "
+                         f"foundation's order, as the network reads channel i as the modality it was trained on.")
+    missing, extra = [c for c in f if c not in t], [c for c in t if c not in f]
+    what = "; ".join(x for x in (f"missing {missing}" if missing else "", f"not in the foundation {extra}" if extra else "")
+                     if x)
+    raise InputError(f"{target} has input channels {t} but the foundation was trained on {f} ({what}); the "
+                     f"target needs exactly the foundation's channels, named as in its dataset.json.")
 
 
 def adopt(foundation: str, target: str, fold: str = "all", checkpoint: str = "checkpoint_final.pth",
@@ -110,12 +123,19 @@ def adopt(foundation: str, target: str, fold: str = "all", checkpoint: str = "ch
         "configuration": configuration,
         "dataset_name": source_dataset,
         "labels": foundation_json["labels"],
+        # how its sigmoid outputs become a label map (region-based foundations only; None otherwise)
+        "regions_class_order": foundation_json.get("regions_class_order"),
         # the grouped head's rows per target channel (nnunet_fseft/network/grouped_head.py); None for regions
         "head_rows": head_groups(target_json["labels"], foundation_json["labels"]),
         # the axes the foundation was trained to be mirror-invariant along (None: trained without
         # mirroring); adaptation augments and predicts along these alone
         "mirror_axes": _mirror_axes(ckpt),
     }
+    mixed = mixed_outputs(target_json["labels"], foundation_json["labels"], name)
+    if mixed:
+        print(f"Note: {mixed}, so no output starts from the foundation's: every method trains a new head, and "
+              f"zeroshot has nothing to predict; write both label sets alike (e.g. as BraTS's regions) for a "
+              f"zero-shot start.", flush=True)
     _preprocess_then_swap(name, plans, plans_file, configuration, num_processes)
     return plans_file, configuration
 

@@ -4,11 +4,13 @@ Used by zero-shot head initialisation (every trainer) and by `nnunet-fseft zeros
 Names are compared after normalisation: lower case, words split on spaces, hyphens, dots and
 underscores, a side word (left/l/lt, right/r/rt) moved to the end, and organ synonyms
 replaced by one canonical name. "Left Kidney", "kidney_L" and "l_kidney" are all
-"kidney_left"; "lien" is "spleen". Labels given as regions (tuples) are never matched.
+"kidney_left"; "lien" is "spleen"; BraTS's "whole tumour" and "WT" are "whole_tumor".
+Plain labels match plain labels (`match_labels`), regions match regions (`match_regions`): a
+region's channel is a sigmoid, a label's a softmax class, and neither is the other's start.
 """
 import re
 from typing import Dict, List, Tuple
-from nnunet_fseft.datasets.dataset_json import plain_labels
+from nnunet_fseft.datasets.dataset_json import has_regions, plain_labels, region_channels
 
 # canonical name <- other names for it (after lower-casing and joining words with "_")
 SYNONYMS = {
@@ -25,6 +27,10 @@ SYNONYMS = {
     "urinary_bladder": ["bladder"],
     "lung": ["lungs"],
     "background": ["bg", "bkg"],
+    # BraTS's regions, as nnU-Net's BraTS conversion names them, and their short names
+    "whole_tumor": ["whole_tumour", "wt", "complete_tumor", "complete_tumour"],
+    "tumor_core": ["tumour_core", "tc"],
+    "enhancing_tumor": ["enhancing_tumour", "et", "enhancing"],
 }
 _CANONICAL = {alias: name for name, aliases in SYNONYMS.items() for alias in aliases}
 _SIDES = {"left": "left", "l": "left", "lt": "left", "right": "right", "r": "right", "rt": "right"}
@@ -55,9 +61,43 @@ def match_labels(target: Dict[str, object], foundation: Dict[str, object]) -> Li
     return matches
 
 
+def match_regions(target: Dict[str, object], foundation: Dict[str, object]) -> List[Tuple[str, int, str, int]]:
+    """(target name, target channel, foundation name, foundation channel) for every target region
+    whose canonical name is a foundation region, in channel order; [] unless both label sets are
+    region-based. The channels are the sigmoid head's (`region_channels`)."""
+    if not (has_regions(target) and has_regions(foundation)):
+        return []
+    known = {}
+    for name, (channel, _) in region_channels(foundation).items():
+        known.setdefault(canonical(name), (name, channel))
+    return [(name, channel, *known[canonical(name)]) for name, (channel, _) in region_channels(target).items()
+            if canonical(name) in known]
+
+
+def mixed_outputs(target: Dict[str, object], foundation: Dict[str, object], target_name: str = "the target") -> str:
+    """'' where both label sets are regions or both plain labels; otherwise what differs, e.g. "the
+    foundation uses regions (sigmoid outputs) and the target plain labels (softmax)": no output of
+    one is a start for the other."""
+    if has_regions(target) == has_regions(foundation):
+        return ""
+    regions, plain = (target_name, "the foundation") if has_regions(target) else ("the foundation", target_name)
+    return f"{regions} uses regions (sigmoid outputs) and {plain} plain labels (softmax)"
+
+
+def match_outputs(target: Dict[str, object], foundation: Dict[str, object]) -> List[Tuple[str, int, str, int]]:
+    """The target's labels or regions the foundation knows: `match_regions` for region-based label
+    sets, `match_labels` otherwise; the second and fourth fields are output channels either way."""
+    if has_regions(target):
+        return match_regions(target, foundation)
+    return [] if has_regions(foundation) else match_labels(target, foundation)
+
+
 def describe_matches(target: Dict[str, object], matches) -> str:
-    """One log line: which labels start from the foundation's classes, and which do not."""
+    """One log line: which labels (or regions) start from the foundation's, and which do not."""
     matched = {m[0] for m in matches}
-    unmatched = [n for n, v in plain_labels(target).items() if v != 0 and n not in matched]
+    names = region_channels(target) if has_regions(target) else {n: v for n, v in plain_labels(target).items() if v}
+    unmatched = [n for n in names if n not in matched]
     text = ", ".join(f"'{t}' ({tv}) <- foundation '{f}' ({fv})" for t, tv, f, fv in matches) or "none"
-    return f"labels matched to foundation classes: {text}; new: {', '.join(repr(u) for u in unmatched) or 'none'}"
+    what = "regions (sigmoid channels) matched to foundation regions" if has_regions(target) else \
+        "labels matched to foundation classes"
+    return f"{what}: {text}; new: {', '.join(repr(u) for u in unmatched) or 'none'}"

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from nnunet_fseft.datasets.dataset_json import has_regions, region_channels
 from nnunet_fseft.errors import InputError
 from nnunet_fseft.network.anatomy import head_names
 from nnunet_fseft.runner import quiet
@@ -104,11 +105,22 @@ def build_foundation(plans_manager, configuration_manager, num_input_channels: i
     """(the foundation's own network, its classes' head included, weights loaded; its checkpoint),
     built as the plans describe it: what black-box methods query and zeroshot predicts with."""
     checkpoint = read_foundation(record)
-    classes = plans_manager.get_label_manager({"labels": record["labels"]}).num_segmentation_heads
+    classes = foundation_label_manager(plans_manager, record).num_segmentation_heads
     network = architecture_trainer(plans_manager.plans).build_network_architecture(
         plans_manager, configuration_manager, num_input_channels, classes, False)
     network.load_state_dict(checkpoint["network_weights"])
     return network, checkpoint
+
+
+def foundation_label_manager(plans_manager, record: dict):
+    """nnU-Net's label manager of the foundation's own labels (regions: sigmoid channels, one per region).
+    Records written before regions_class_order was kept give each region's channel number instead:
+    the channel count, all this is used for, is the same."""
+    labels = record["labels"]
+    order = record.get("regions_class_order")
+    if order is None and has_regions(labels):
+        order = list(range(1, len(region_channels(labels)) + 1))
+    return plans_manager.get_label_manager({"labels": labels, "regions_class_order": order})
 
 
 def load_foundation(network: nn.Module, record: dict) -> Dict[str, torch.Tensor]:

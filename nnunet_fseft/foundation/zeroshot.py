@@ -6,17 +6,20 @@ fold shares them). Prediction is nnU-Net's own (`nnUNetPredictor`, sliding windo
 mirroring of the foundation) with its classes grouped into the target's (nnunet_fseft/network/grouped_head.py:
 the probabilities of the classes the target does not have are added to background's, so this is
 exactly what an adapted network predicts at step 0), and nnU-Net's evaluator scores the matched
-labels only.
+labels only. A region-based foundation and target (BraTS's whole tumour / core / enhancing) need no
+grouping: each target region the foundation knows by name is its sigmoid channel, the others are
+predicted nowhere, nnU-Net's `regions_class_order` makes the label map, and the matched regions
+are scored.
 """
 import os
 
 import numpy as np
 
-from nnunet_fseft.datasets.dataset_json import dataset_name, has_regions, read_json
+from nnunet_fseft.datasets.dataset_json import dataset_name, has_regions, read_json, region_channels
 from nnunet_fseft.datasets.safe_write import keep_existing
 from nnunet_fseft.environment import require_env
 from nnunet_fseft.errors import InputError
-from nnunet_fseft.foundation.labels import match_labels
+from nnunet_fseft.foundation.labels import match_outputs, mixed_outputs
 from nnunet_fseft.foundation.record import build_foundation, recorded_foundation
 from nnunet_fseft.network.grouped_head import GroupedOutput, head_groups
 from nnunet_fseft.plans import PLANS_NAME
@@ -53,10 +56,12 @@ def zeroshot(dataset: str, plans_name: str = PLANS_NAME, fold: int = 0, out: str
     if record is None:
         raise InputError(f"Plans {plans_name} of {name} record no foundation; run `nnunet-fseft adopt` for {name} "
                          f"(or pass its plans with -p).")
-    if has_regions(record["labels"]):
-        raise InputError("The foundation predicts regions (overlapping sigmoid outputs), which cannot be renamed to "
-                         "target labels; zeroshot needs a foundation trained on plain labels.")
-    matches = match_labels(dataset_json["labels"], record["labels"])
+    regions = has_regions(dataset_json["labels"])
+    mixed = mixed_outputs(dataset_json["labels"], record["labels"], name)
+    if mixed:
+        raise InputError(f"{mixed[0].upper()}{mixed[1:]}, which share no output to predict with; zero-shot needs "
+                         f"both label sets written alike.")
+    matches = match_outputs(dataset_json["labels"], record["labels"])
     if not matches:
         raise InputError(f"No label of {name} ({', '.join(n for n in dataset_json['labels'] if n != 'background')}) "
                          f"is a class the foundation knows ({', '.join(n for n in record['labels'] if n != 'background')}); "
@@ -79,10 +84,15 @@ def zeroshot(dataset: str, plans_name: str = PLANS_NAME, fold: int = 0, out: str
     # The foundation's classes grouped into the matched labels (nnunet_fseft/network/grouped_head.py): background and
     # every unmatched class into channel 0, matched label i into channel i, as the adapted network's
     # head groups them at step 0
-    groups = head_groups(dataset_json["labels"], record["labels"])
-    channels = [0] + [t for _, t, _, _ in matches]
-    network = GroupedOutput(network, [groups[t] for t in channels])
-    folded_json = {**dataset_json, "labels": {"background": 0, **{n: i + 1 for i, (n, _, _, _) in enumerate(matches)}}}
+    if regions:  # target channel t: the foundation's channel of that region, or nowhere
+        source = {t: [f] for _, t, _, f in matches}
+        network = GroupedOutput(network, [source.get(t, []) for t in range(len(region_channels(dataset_json["labels"])))])
+        folded_json = dataset_json
+    else:
+        groups = head_groups(dataset_json["labels"], record["labels"])
+        channels = [0] + [t for _, t, _, _ in matches]
+        network = GroupedOutput(network, [groups[t] for t in channels])
+        folded_json = {**dataset_json, "labels": {"background": 0, **{n: i + 1 for i, (n, _, _, _) in enumerate(matches)}}}
     predictor = nnUNetPredictor(use_mirroring=mirroring, perform_everything_on_device=device != "cpu",
                                 device=torch.device(device), allow_tqdm=False)
     predictor.manual_initialization(network, pm, cm, [checkpoint["network_weights"]], folded_json, record["trainer"],
@@ -93,16 +103,22 @@ def zeroshot(dataset: str, plans_name: str = PLANS_NAME, fold: int = 0, out: str
     predictor.predict_from_files_sequential([cases[c]["images"] for c in held_out],
                                             [os.path.join(raw_out, c) for c in held_out], False, True, None)
 
-    lookup = np.array(channels, dtype=np.uint8)  # grouped channel -> target label
     ending = dataset_json["file_ending"]
     io = pm.image_reader_writer_class()
-    for c in held_out:
-        seg, properties = io.read_seg(os.path.join(raw_out, c + ending))
-        io.write_seg(lookup[seg[0].astype(np.int64)], os.path.join(final, c + ending), properties)
+    if regions:  # already the target's label map (regions_class_order)
+        os.rmdir(final)
+        os.rename(raw_out, final)
+        values = {n: v for n, (_, v) in region_channels(dataset_json["labels"]).items()}
+        scored = [values[t_name] for t_name, _, _, _ in matches]
+    else:
+        lookup = np.array(channels, dtype=np.uint8)  # grouped channel -> target label
+        for c in held_out:
+            seg, properties = io.read_seg(os.path.join(raw_out, c + ending))
+            io.write_seg(lookup[seg[0].astype(np.int64)], os.path.join(final, c + ending), properties)
+        scored = [t for _, t, _, _ in matches]
     labels_folder = os.path.dirname(cases[held_out[0]]["label"])
-    summary = compute_metrics_on_folder(labels_folder, final, os.path.join(out, "summary.json"), io, ending,
-                                        [t for _, t, _, _ in matches],
+    summary = compute_metrics_on_folder(labels_folder, final, os.path.join(out, "summary.json"), io, ending, scored,
                                         ignore_label=pm.get_label_manager(dataset_json).ignore_label,
                                         num_processes=num_processes)
-    means = {str(k): v for k, v in summary["mean"].items()}
-    return {t_name: float(means[str(t)]["Dice"]) for t_name, t, _, _ in matches}, out
+    means = {str(k): v for k, v in summary["mean"].items()}  # (nnU-Net writes a region as the string of its tuple)
+    return {m[0]: float(means[str(key)]["Dice"]) for m, key in zip(matches, scored)}, out

@@ -20,7 +20,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from nnunet_fseft.datasets.dataset_json import has_regions
+from nnunet_fseft.datasets.dataset_json import has_regions, plain_labels
 from nnunet_fseft.foundation.labels import match_labels
 
 
@@ -31,8 +31,8 @@ def head_groups(target_labels: dict, foundation_labels: dict) -> Optional[List[L
     if has_regions(target_labels) or has_regions(foundation_labels):
         return None
     # nnU-Net's ignore label has no output channel
-    width = max(v for n, v in foundation_labels.items() if n != "ignore") + 1
-    channels = max(v for n, v in target_labels.items() if n != "ignore") + 1
+    width = max(plain_labels(foundation_labels).values()) + 1
+    channels = max(plain_labels(target_labels).values()) + 1
     matched = {t: f for _, t, _, f in match_labels(target_labels, foundation_labels)}
     groups = [[0] + [f for f in range(1, width) if f not in matched.values()]]
     novel = width
@@ -64,10 +64,17 @@ def width(groups: List[List[int]]) -> int:
     return 1 + max(r for g in groups for r in g)
 
 
+# The logit of a channel no row feeds (an empty group): sigmoid(-30) = 1e-13, predicted nowhere. Small
+# enough for nnU-Net's sliding window, which weighs each tile's logits by a Gaussian of peak 10 and sums
+# the tiles (and mirrored passes) in float16, largest value 65504: -1e4 overflows there to -inf.
+NOWHERE = -30.0
+
+
 def group_logits(logits: torch.Tensor, groups: List[List[int]]) -> torch.Tensor:
-    """(B, rows, ...) -> (B, len(groups), ...): each group's log-sum-exp."""
-    return torch.cat([torch.logsumexp(logits[:, g], 1, keepdim=True) if len(g) > 1 else logits[:, g]
-                      for g in groups], 1)
+    """(B, rows, ...) -> (B, len(groups), ...): each group's log-sum-exp; an empty group is NOWHERE
+    (zeroshot's sigmoid channel of a region the foundation does not know)."""
+    return torch.cat([torch.logsumexp(logits[:, g], 1, keepdim=True) if len(g) > 1 else logits[:, g] if g else
+                      torch.full_like(logits[:, :1], NOWHERE) for g in groups], 1)
 
 
 class _Grouped:

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from nnunet_fseft.datasets.dataset_json import has_regions, plain_foreground
+from nnunet_fseft.datasets.dataset_json import has_regions, plain_foreground, plain_labels, region_channels
 from nnunet_fseft.errors import InputError
-from nnunet_fseft.foundation.labels import describe_matches, match_labels
+from nnunet_fseft.foundation.labels import describe_matches, match_labels, match_outputs, mixed_outputs
 from nnunet_fseft.network.anatomy import anatomy
 from nnunet_fseft.network.grouped_head import is_grouped
 
@@ -22,18 +22,21 @@ WEAK_IMPRINT = 0.3
 
 
 def head_rows(target_labels: dict, foundation_labels: dict) -> Tuple[List[Tuple[int, int]], str]:
-    """(target channel, foundation channel) pairs to copy, background first, and a log line.
+    """(target channel, foundation channel) pairs to copy and a log line.
 
-    Channels are label values: nnU-Net's softmax output has one channel per consecutive label.
-    Region-based label sets (sigmoid outputs, one channel per region) are left alone."""
-    for labels, whose in ((target_labels, "target"), (foundation_labels, "foundation")):
-        if has_regions(labels):
-            return [], f"head initialisation skipped: the {whose} uses regions, whose channels are not labels"
-    matches = match_labels(target_labels, foundation_labels)
+    A softmax head (plain labels) has one channel per consecutive label value, background first,
+    which is always copied. A sigmoid head (regions) has one channel per region and no background:
+    the matched regions' rows are copied, and each is its own yes/no, so step 0 is the foundation's
+    prediction of those regions whatever the other channels hold. Plain labels on a region
+    foundation (or the reverse) share no channel: the head is new."""
+    mixed = mixed_outputs(target_labels, foundation_labels)
+    if mixed:
+        return [], f"head initialisation: a new head, as {mixed}; write both label sets alike for a zero-shot start"
+    matched = match_outputs(target_labels, foundation_labels)
     # background always: with no label matched it is still the foundation's background (and an
     # imprinted row is relative to it)
-    rows = [(0, 0)] + [(t, f) for _, t, _, f in matches]
-    return rows, "head initialisation: " + describe_matches(target_labels, matches)
+    rows = ([] if has_regions(target_labels) else [(0, 0)]) + [(t, f) for _, t, _, f in matched]
+    return rows, "head initialisation: " + describe_matches(target_labels, matched)
 
 
 @torch.no_grad()
@@ -96,6 +99,85 @@ def imprint(network: nn.Module, heads: Sequence[nn.Module], patches: Sequence[Tu
     (deep supervision) at once, labels taken nearest-neighbour to each head's resolution. `rows`:
     label -> its head row (default the label itself; a grouped head has other rows, nnunet_fseft/network/grouped_head.py)."""
     rows = rows or {}
+    captured, segs = _head_inputs(network, heads, patches)
+    found = {c: (0, 0.0) for c in labels}
+    for head in heads:
+        if len(captured[id(head)]) != len(segs):
+            continue  # this head did not run (deep supervision off)
+        features, targets = [], []
+        for f, seg in zip(captured[id(head)], segs):
+            seg = _at(seg, f)
+            keep = (seg == 0) | torch.isin(seg, torch.tensor(list(labels), device=seg.device))
+            features.append(f[0].flatten(1)[:, keep].T.double())
+            targets.append(seg[keep])
+        features, targets = torch.cat(features), torch.cat(targets)
+        classes = [c for c in (0, *labels) if (targets == c).any()]
+        if 0 not in classes or len(classes) < 2:
+            continue
+        w, b = _discriminant(features, targets, classes)
+        for i, c in enumerate(classes[1:], start=1):
+            r = rows.get(c, c)
+            direction = w[i] - w[0]
+            threshold, dice = best_dice_threshold(features @ direction + float(b[i] - b[0]), targets == c)
+            offset = float(b[i] - b[0]) - threshold
+            if head is heads[-1]:
+                found[c] = (int((targets == c).sum()), dice)
+            head.weight[r].copy_(head.weight[0] + direction.view(head.weight.shape[1:]).to(head.weight.dtype))
+            if head.bias is not None:
+                head.bias[r] = head.bias[0] + offset
+    return found
+
+
+# The bias of a region row that cannot be imprinted (the region is absent from the support set):
+# sigmoid(-6) = 0.25 %, so the region starts predicted nowhere. nnU-Net's fresh row (bias 0, small
+# random weights) predicts it in about half the voxels, and `regions_class_order` then paints those
+# with the region's label over every other region.
+ABSENT_REGION_BIAS = -6.0
+
+
+@torch.no_grad()
+def imprint_regions(network: nn.Module, heads: Sequence[nn.Module], patches: Sequence[Tuple[torch.Tensor, torch.Tensor]],
+                    regions: dict, ignore_label: Optional[int] = None) -> dict:
+    """Weight imprinting for the regions of a sigmoid head that the foundation does not know
+    (`regions`: head channel -> the label values the region is made of): channel r's row becomes
+    the discriminant between the region's support voxels and all the others (as in `imprint`, but
+    with no background row to be relative to: each sigmoid channel is its own yes/no), its bias
+    set to where it gives the best Dice on the support voxels, so at step 0 the logit is positive
+    where the support's features look like the region. A region absent from the support patches
+    starts predicted nowhere (ABSENT_REGION_BIAS). Voxels of `ignore_label` (unannotated) and the
+    padding (-1) count for neither side. A head without a bias cannot hold the threshold and is
+    left as it is. Returns {channel: (support voxels, Dice)} at the finest head's resolution."""
+    captured, segs = _head_inputs(network, heads, patches)
+    found = {r: (0, 0.0) for r in regions}
+    for head in heads:
+        if len(captured[id(head)]) != len(segs) or head.bias is None:
+            continue
+        features, labels = [], []
+        for f, seg in zip(captured[id(head)], segs):
+            seg = _at(seg, f)
+            keep = (seg >= 0) if ignore_label is None else (seg >= 0) & (seg != ignore_label)
+            features.append(f[0].flatten(1)[:, keep].T.double())
+            labels.append(seg[keep])
+        features, labels = torch.cat(features), torch.cat(labels)
+        for r, values in regions.items():
+            inside = torch.isin(labels, torch.tensor(list(values), device=labels.device)).long()
+            if not 0 < int(inside.sum()) < len(inside):
+                head.weight[r].zero_()
+                head.bias[r] = ABSENT_REGION_BIAS
+                continue
+            w, b = _discriminant(features, inside, [0, 1])
+            direction = w[1] - w[0]
+            threshold, dice = best_dice_threshold(features @ direction + float(b[1] - b[0]), inside == 1)
+            head.weight[r].copy_(direction.view(head.weight.shape[1:]).to(head.weight.dtype))
+            head.bias[r] = float(b[1] - b[0]) - threshold
+            if head is heads[-1]:
+                found[r] = (int(inside.sum()), dice)
+    return found
+
+
+def _head_inputs(network: nn.Module, heads: Sequence[nn.Module], patches) -> Tuple[dict, list]:
+    """Every head's input features on each patch (one forward per patch, eval mode), by id(head),
+    and the patches' labels as (1, 1, *patch) float tensors on the heads' device."""
     captured = {id(h): [] for h in heads}
     hooks = [h.register_forward_hook(lambda m, i, o: captured[id(m)].append(i[0].detach().float())) for h in heads]
     was_training = network.training
@@ -110,40 +192,27 @@ def imprint(network: nn.Module, heads: Sequence[nn.Module], patches: Sequence[Tu
         for h in hooks:
             h.remove()
         network.train(was_training)
-    found = {c: (0, 0.0) for c in labels}
-    for head in heads:
-        if len(captured[id(head)]) != len(segs):
-            continue  # this head did not run (deep supervision off)
-        features, targets = [], []
-        for f, seg in zip(captured[id(head)], segs):
-            seg = nn.functional.interpolate(seg, size=f.shape[2:], mode="nearest")[0, 0].long().flatten()
-            keep = (seg == 0) | torch.isin(seg, torch.tensor(list(labels), device=seg.device))
-            features.append(f[0].flatten(1)[:, keep].T.double())
-            targets.append(seg[keep])
-        features, targets = torch.cat(features), torch.cat(targets)
-        classes = [c for c in (0, *labels) if (targets == c).any()]
-        if 0 not in classes or len(classes) < 2:
-            continue
-        means = torch.stack([features[targets == c].mean(0) for c in classes])
-        row_of = torch.zeros(max(classes) + 1, dtype=torch.long, device=targets.device)
-        row_of[torch.tensor(classes, device=targets.device)] = torch.arange(len(classes), device=targets.device)
-        centred = features - means[row_of[targets]]  # each voxel's features minus its class mean
-        covariance = centred.T @ centred / max(1, len(features) - len(classes))
-        covariance += 1e-3 * covariance.diagonal().mean().clamp_min(1e-12) * torch.eye(len(covariance), dtype=covariance.dtype,
-                                                                                   device=covariance.device)
-        w = torch.linalg.solve(covariance, means.T).T  # (classes, C): Sigma^-1 mu_c
-        b = -0.5 * (w * means).sum(1)  # equal priors (see the docstring)
-        for i, c in enumerate(classes[1:], start=1):
-            r = rows.get(c, c)
-            direction = w[i] - w[0]
-            threshold, dice = best_dice_threshold(features @ direction + float(b[i] - b[0]), targets == c)
-            offset = float(b[i] - b[0]) - threshold
-            if head is heads[-1]:
-                found[c] = (int((targets == c).sum()), dice)
-            head.weight[r].copy_(head.weight[0] + direction.view(head.weight.shape[1:]).to(head.weight.dtype))
-            if head.bias is not None:
-                head.bias[r] = head.bias[0] + offset
-    return found
+    return captured, segs
+
+
+def _at(seg: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """The label patch nearest-neighbour at the features' resolution, flattened."""
+    return nn.functional.interpolate(seg, size=features.shape[2:], mode="nearest")[0, 0].long().flatten()
+
+
+def _discriminant(features: torch.Tensor, targets: torch.Tensor, classes: list):
+    """Linear discriminant of `classes` (class means, one shared covariance, equal priors): (w, b)
+    with w[i] = Sigma^-1 mu_i and b[i] = -mu_i' Sigma^-1 mu_i / 2."""
+    means = torch.stack([features[targets == c].mean(0) for c in classes])
+    row_of = torch.zeros(max(classes) + 1, dtype=torch.long, device=targets.device)
+    row_of[torch.tensor(classes, device=targets.device)] = torch.arange(len(classes), device=targets.device)
+    centred = features - means[row_of[targets]]  # each voxel's features minus its class mean
+    covariance = centred.T @ centred / max(1, len(features) - len(classes))
+    covariance += 1e-3 * covariance.diagonal().mean().clamp_min(1e-12) * torch.eye(len(covariance), dtype=covariance.dtype,
+                                                                               device=covariance.device)
+    w = torch.linalg.solve(covariance, means.T).T  # (classes, C): Sigma^-1 mu_c
+    b = -0.5 * (w * means).sum(1)  # equal priors (see `imprint`)
+    return w, b
 
 
 def best_dice_threshold(scores: torch.Tensor, positive: torch.Tensor) -> Tuple[float, float]:
@@ -173,22 +242,30 @@ def start_head(network: nn.Module, heads: Sequence[nn.Module], foundation_heads:
     rows, message = head_rows(labels, foundation_labels)
     log(message)
     known = {t for t, _ in rows}
-    novel = [v for v in plain_foreground(labels).values() if v not in known]
+    # output channels the foundation does not know: plain label values, or a sigmoid head's region channels
+    channels = range(len(region_channels(labels))) if has_regions(labels) else plain_foreground(labels).values()
+    novel = [c for c in channels if c not in known]
     new_rows = {c: c for c in novel}
     if rows and is_grouped(heads[0]):  # the whole foundation head, then the labels it does not know
         groups = heads[0].label_rows
         rows = [(f, f) for f in range(len(foundation_heads[0][0]))]
         new_rows = {c: groups[c][0] for c in novel}
         grouped = [f for f in groups[0] if f != 0]
-        names = {v: n for n, v in foundation_labels.items()}
+        names = {v: n for n, v in plain_labels(foundation_labels).items()}
         log("head initialisation: the foundation's " + (
             ", ".join(f"'{names[f]}'" for f in grouped) + " grouped with background" if grouped else
             "classes are all target labels") + " (log-sum-exp: step 0 is the zero-shot prediction)")
     if rows:
         initialise_head(heads, foundation_heads, rows)
-    if novel:
+    if novel and has_regions(labels):
+        regions = {c: (name, values) for name, (c, values) in region_channels(labels).items() if c in novel}
+        found = imprint_regions(network, heads, support_patches(), {c: v for c, (_, v) in regions.items()},
+                                labels.get("ignore"))
+        names = {c: name for c, (name, _) in regions.items()}
+    elif novel:
         found = imprint(network, heads, support_patches(), novel, new_rows)
-        names = {v: n for n, v in labels.items() if isinstance(v, int)}
+        names = {v: n for n, v in plain_labels(labels).items()}
+    if novel:
         log("head initialisation: imprinted from the support set: " + ", ".join(
             f"'{names[c]}' ({n:,} voxels, Dice {d:.2f} on them)" if n else
             f"'{names[c]}' (absent from the support set: not imprinted)" for c, (n, d) in found.items()))

@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from nnunet_fseft.datasets.dataset_json import not_one_class_per_voxel
+from nnunet_fseft.datasets.dataset_json import not_one_class_per_voxel, plain_labels
 from nnunet_fseft.errors import InputError
 from nnunet_fseft.foundation.record import build_foundation, recorded_foundation, unwrap
 from nnunet_fseft.network.black_box import build_black_box
@@ -218,7 +218,7 @@ class nnUNetTrainerFSEFT_BlackBox(nnUNetTrainerFSEFT):
         segs = [np.asarray(dataset.load_case(k)[1][:])[0] for k in tr_keys]
         classes = self.label_manager.num_segmentation_heads
         prior = size_prior(support_volumes(segs, classes, voxel_volume))
-        names = {v: n for n, v in self.dataset_json["labels"].items()}
+        names = {v: n for n, v in plain_labels(self.dataset_json["labels"]).items()}
         self.print_to_log_file("Size prior (mm^3, from %d support volumes): %s" % (len(segs), ", ".join(
             f"{names.get(c + 1, c + 1)} {s:,.0f}" for c, s in enumerate(prior))))
         preprocessor = self.configuration_manager.preprocessor_class(verbose=False)

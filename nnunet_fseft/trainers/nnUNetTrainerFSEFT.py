@@ -58,6 +58,9 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
     val_iterations_per_epoch = 10
     learning_rate = 1e-3
     weight_decay_fseft = 0.0  # FSEFT's: none
+    # False: the network starts from nnU-Net's random initialisation instead of the foundation (the
+    # benchmark's target-only baseline, nnunet_fseft/trainers/start.py); the plans' architecture all the same.
+    from_foundation = True
     # Zero-shot start: target labels the foundation knows (by name) start from its head rows.
     head_init = True
     # The foundation's classes the target lacks are grouped with background (nnunet_fseft/network/grouped_head.py), so
@@ -85,7 +88,9 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
         self._restoring = False  # set by load_checkpoint: weights come from our checkpoint
         self._inject_on_train_start = False
         self._before_pretrained = None
-        self.known_labels = []  # target labels whose head rows start from the foundation's (initialise_head)
+        # output channels that start from the foundation's rows (initialise_head): label values, or a
+        # sigmoid head's region channels
+        self.known_labels = []
         self.anchor = None
         if self.foundation is not None and self.foundation["configuration"] != configuration:
             raise InputError(f"The foundation in these plans was adopted for configuration "
@@ -128,6 +133,13 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
         return pretrained_weights_argument() is not None
 
     def initialize(self):
+        if not self.from_foundation:
+            if self.pretrained_weights_follow():  # nnU-Net would load them right after initialize()
+                raise InputError(f"{type(self).__name__} trains from random weights and cannot take "
+                                 f"-pretrained_weights; drop it (or train a method that starts from them).")
+            super().initialize()
+            self.print_to_log_file(f"{type(self).__name__}: nnU-Net's random initialisation, no foundation weights")
+            return
         if (self.foundation is None or self.pretrained_weights_follow()) and not self._restoring:
             if self.is_ddp:
                 raise InputError("Multi-GPU training needs the foundation recorded by `nnunet-fseft adopt` "

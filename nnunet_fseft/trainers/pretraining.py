@@ -7,7 +7,8 @@ dataset's annotations.json (nnunet_fseft/training/partial_labels.py says why eac
 - training batches are drawn source first, then case (FSEFT); each DDP rank draws its own;
 - validation Dice counts a class only on cases that annotate it, online and in summary.json
   (nnU-Net's unmasked summary is kept as summary_all_labels.json).
-Without annotations.json every case annotates every class, and this is nnU-Net's training.
+Without annotations.json every case annotates every class, and this is nnU-Net's training, its loss
+included (so a region-based dataset such as BraTS trains as nnU-Net trains it).
 """
 import os
 import shutil
@@ -49,11 +50,12 @@ class nnUNetTrainerFSEFT_Foundation(nnUNetTrainer):
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
         set_schedule(self, self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch)
-        if not_one_class_per_voxel(self.label_manager):
-            raise InputError(f"{type(self).__name__} trains plain labels; this dataset has regions or an ignore "
-                             f"label, which partial labels cannot be combined with; pool plain-label datasets instead.")
         self.annotations = find_annotations(self.dataset_json, self.plans_manager.dataset_name,
                                             self.preprocessed_dataset_folder_base)
+        if self.annotations is not None and not_one_class_per_voxel(self.label_manager):
+            raise InputError(f"{type(self).__name__} trains a pooled dataset's partial labels, which need one class per "
+                             f"voxel, and this dataset has {not_one_class_per_voxel(self.label_manager)}; pool "
+                             f"plain-label datasets with `nnunet-fseft combine` instead.")
         # what each key annotates: case ids (validation) and source names (training draws sources)
         self.annotated_of = {}
         if self.annotations:
@@ -82,6 +84,8 @@ class nnUNetTrainerFSEFT_Foundation(nnUNetTrainer):
         return SourceBalancedDataset(dataset_tr, source_of), dataset_val
 
     def _build_loss(self):
+        if self.annotations is None:  # nnU-Net's own (regions included: BCE + Dice on sigmoid outputs)
+            return super()._build_loss()
         self.partial_loss = PartialLabelLoss(self.configuration_manager.batch_dice, ddp=self.is_ddp)
         if not self.enable_deep_supervision:
             return self.partial_loss
@@ -98,11 +102,14 @@ class nnUNetTrainerFSEFT_Foundation(nnUNetTrainer):
         return mask
 
     def train_step(self, batch: dict) -> dict:
-        self._annotated(batch["keys"])
+        if self.annotations is not None:
+            self._annotated(batch["keys"])
         return super().train_step(batch)
 
     def validation_step(self, batch: dict) -> dict:
         """nnU-Net's pseudo-Dice, with a class's tp/fp/fn counted only in cases that annotate it."""
+        if self.annotations is None:
+            return super().validation_step(batch)
         from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
         from nnunetv2.utilities.helpers import dummy_context
         mask = self._annotated(batch["keys"]).float()

@@ -9,7 +9,11 @@ scores the labels (cross-entropy + soft Dice, the same deep-supervision weights)
 with one scan the foundation's opinion weighs as much as the label, with ten a tenth.
 
 Classes: each target label the foundation knows on its own, and the rest (background with the labels
-it does not know) as one class, as the foundation has no opinion on a new organ. The start's
+it does not know) as one class, as the foundation has no opinion on a new organ. A region-based
+target (sigmoid outputs, one channel per region, BraTS's whole tumour / core / enhancing) is held
+the way nnU-Net scores regions: per region the foundation knows, binary cross-entropy + soft Dice
+against the start's yes/no of that region (its sigmoid above 0.5); the regions it does not know
+are left free. The start's
 segmentation comes from the same network on the same batch with its trained parameters set back to
 their start values, so no second network is held; for a known label it is the zero-shot segmentation
 (nnunet_fseft/network/grouped_head.py).
@@ -20,7 +24,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from nnunet_fseft.datasets.dataset_json import plain_labels
+from nnunet_fseft.datasets.dataset_json import plain_labels, region_channels
 
 
 def as_list(output) -> list:
@@ -46,17 +50,20 @@ def anchor_groups(labels: dict, known: Sequence[int]) -> Optional[List[List[int]
 
 class ZeroShotAnchor:
     """`weight` x sum over outputs of output_weights[i] x (cross-entropy + `dice`) against the start's
-    segmentation. `dice` is nnU-Net's soft Dice loss without background (channel 0: the rest)."""
+    segmentation. `dice` is nnU-Net's soft Dice loss without background (channel 0: the rest).
+    With `regions` (sigmoid channels) instead of `groups`: binary cross-entropy + `dice` (then with
+    background, as nnU-Net's region loss) on those channels against the start's sigmoid > 0.5."""
 
-    def __init__(self, network: nn.Module, groups: List[List[int]], weight: float, dice: nn.Module,
+    def __init__(self, network: nn.Module, groups: Optional[List[List[int]]], weight: float, dice: nn.Module,
                  output_weights: Sequence[float] = (1.0,), start: Optional[List[torch.Tensor]] = None,
-                 ignore_label: Optional[int] = None):
+                 ignore_label: Optional[int] = None, regions: Optional[List[int]] = None):
         self.params = [p for p in network.parameters() if p.requires_grad]
         self.buffers = list(network.buffers())  # BatchNorm's running statistics: the start's forward must not move them
         self.start = [p.detach().clone() for p in self.params] if start is None else start
         if [s.shape for s in self.start] != [p.shape for p in self.params]:
             raise ValueError("the anchor's start values do not match the network's trained parameters")
         self.groups = groups
+        self.regions = regions
         self.weight = weight
         self.dice = dice
         self.output_weights = list(output_weights)
@@ -77,6 +84,10 @@ class ZeroShotAnchor:
                 p.copy_(c)
             for b, c in zip(self.buffers, buffers):
                 b.copy_(c)
+        if self.regions is not None:
+            self._targets = [(o[:, self.regions] > 0).float() if w else None
+                             for o, w in zip(as_list(output), self.output_weights)]
+            return
         self._targets = [merged_log_probs(o, self.groups).argmax(1) if w else None
                          for o, w in zip(as_list(output), self.output_weights)]
 
@@ -91,6 +102,10 @@ class ZeroShotAnchor:
         total = 0.0
         for o, t, w, y in zip(as_list(output), targets, self.output_weights, labels):
             if not w:
+                continue
+            if self.regions is not None:
+                logits = o[:, self.regions].float()
+                total = total + w * (F.binary_cross_entropy_with_logits(logits, t) + self.dice(torch.sigmoid(logits), t))
                 continue
             log_p = merged_log_probs(o, self.groups)
             mask = None  # no data-dependent branch: no device sync per step
@@ -121,35 +136,46 @@ ANCHOR_FILE = "zero_shot_anchor.pth"
 def anchor_for_training(trainer) -> Tuple[Optional[ZeroShotAnchor], str]:
     """The zero-shot anchor of an nnUNetTrainerFSEFT's training and the log line about it. At epoch 0
     from the start (its file written for --c); on --c from the file that start wrote (the network
-    has moved since). None where no target label is known to the foundation, for regions, and on
+    has moved since). None where no target label (or region) is known to the foundation, and on
     --c of a training begun before the anchor existed (no file)."""
     from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
     from nnunet_fseft.foundation.record import unwrap
     labels, manager = trainer.dataset_json["labels"], trainer.label_manager
+    regions = None
     if trainer.current_epoch == 0:
-        groups = None if manager.has_regions else anchor_groups(labels, trainer.known_labels)
-        start = None
-        off = ("regions have no one label per voxel to hold" if manager.has_regions else
-               "no target label is one the foundation knows")
+        start, groups = None, None
+        if manager.has_regions and manager.has_ignore_label:
+            off = "regions with an ignore label leave no voxel mask for it"
+        elif manager.has_regions:
+            regions = list(trainer.known_labels) or None  # the sigmoid channels that start from the foundation's
+            off = "no target region is one the foundation knows"
+        else:
+            groups = anchor_groups(labels, trainer.known_labels)
+            off = "no target label is one the foundation knows"
     elif not os.path.isfile(trainer.anchor_file):  # a training started before the anchor existed
         groups, start = None, None
         off = f"{trainer.anchor_file} is missing, so --c continues this training as it began, without one"
     else:
         saved = torch.load(trainer.anchor_file, map_location=trainer.device, weights_only=True)
-        groups, start = saved["groups"], saved["start"]
+        groups, start, regions = saved["groups"], saved["start"], saved.get("regions")
         off = "as in the training this continues"
     anchor = None
-    if groups:  # scored as the labels are: nnU-Net's soft Dice and deep-supervision weights
-        dice = MemoryEfficientSoftDiceLoss(batch_dice=trainer.configuration_manager.batch_dice, do_bg=False,
+    if groups or regions:  # scored as the labels are: nnU-Net's soft Dice and deep-supervision weights
+        dice = MemoryEfficientSoftDiceLoss(batch_dice=trainer.configuration_manager.batch_dice, do_bg=bool(regions),
                                            smooth=1e-5, ddp=trainer.is_ddp)
         anchor = ZeroShotAnchor(unwrap(trainer.network), groups, trainer.anchor_weight / len(trainer.do_split()[0]),
                                 dice, getattr(trainer.loss, "weight_factors", (1.0,)), start,
-                                manager.ignore_label if manager.has_ignore_label else None)
+                                manager.ignore_label if manager.has_ignore_label else None, regions)
     if trainer.current_epoch == 0 and trainer.local_rank == 0:
         os.makedirs(trainer.output_folder, exist_ok=True)
-        torch.save({"groups": groups, "start": anchor.start if anchor else []}, trainer.anchor_file)
+        torch.save({"groups": groups, "regions": regions, "start": anchor.start if anchor else []}, trainer.anchor_file)
     if anchor is None:
         return None, f"zero-shot anchor: off, {off}"
-    names = {v: n for n, v in labels.items() if isinstance(v, int)}
+    if regions:
+        names = {c: n for n, (c, _) in region_channels(labels).items()}
+        held = ", ".join(repr(names[c]) for c in regions)
+        return anchor, (f"zero-shot anchor: the start's segmentation of the regions {held} is one more annotation of "
+                        f"each patch (binary cross-entropy + Dice per region), weighted {anchor.weight:g} (1 / K)")
+    names = {v: n for n, v in plain_labels(labels).items()}
     return anchor, (f"zero-shot anchor: the start's segmentation of {', '.join(repr(names[g[0]]) for g in groups[1:])} "
                     f"is one more annotation of each patch, weighted {anchor.weight:g} (1 / K)")

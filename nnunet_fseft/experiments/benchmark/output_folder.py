@@ -10,10 +10,10 @@ from nnunet_fseft.errors import InputError
 
 
 MANIFEST = "benchmark.json"
-FIGURES = ("dice_vs_k.png", "dice_vs_parameters.png", "cost.png")
+FIGURES = ("dice_vs_k.png", "dice_vs_parameters.png", "cost.png", "dice_boxplot.png", "dice_boxplot_per_label.png")
 # Everything a benchmark writes in its output folder
-OUTPUTS = ("runs.jsonl", "log.txt", "zero_shot.json", "results.csv", "results.json", "report.md", *FIGURES,
-           "held_out", "predictions")
+OUTPUTS = ("runs.jsonl", "log.txt", "zero_shot.json", "results.csv", "per_case.csv", "results.json", "report.md",
+           *FIGURES, "held_out", "predictions")
 
 
 class OutputFolder:

@@ -9,8 +9,14 @@ from nnunet_fseft.errors import InputError
 
 COLUMNS = ["method", "K", "repeat", "fold", "label", "dice", "sensitivity", "specificity", "wall_s",
            "peak_gpu_mib", "peak_host_mib", "trainable", "total", "adapter_bytes", "device", "machine", "versions"]
+# per_case.csv: one row per run (and the zero-shot prediction) per held-out case per label or region
+CASE_COLUMNS = ["method", "K", "repeat", "fold", "case", "label", "dice", "sensitivity", "specificity"]
 # The Start row's name in reports: the untrained network every method starts from
 STEP0 = "Start (step 0 of every method)"
+# The foundation as it is on the target (K = 0): the paper's source-only row, one name everywhere
+ZERO_SHOT = "zero-shot (source-only)"
+# Methods that are no parameter-efficient fine-tuning: the reference rows of the report's comparisons
+NOT_PEFT = ("FullFT", "TargetOnly", "Start")
 # A zero-shot Dice below this on a label the foundation names: it names the organ but never learned it
 # (a short foundation training can miss one), so that label is a novel organ in all but name.
 UNLEARNED_DICE = 0.05
@@ -56,10 +62,19 @@ def run_env(trainer_cls, device: str, held_out: str) -> dict:
 
 
 def trainer_classes() -> dict:
-    """What a benchmark can run, by trainer name: every method, and `Start`, the network they all
-    start from (no training: each method's step-0 row)."""
-    from nnunet_fseft.trainers import METHODS, nnUNetTrainerFSEFT_Start
-    return {**METHODS, "nnUNetTrainerFSEFT_Start": nnUNetTrainerFSEFT_Start}
+    """What a benchmark can run, by trainer name: every method, `Start`, the network they all
+    start from (no training: each method's step-0 row), and `TargetOnly`, the target trained alone
+    from scratch with the same schedule (the paper's target-only row)."""
+    from nnunet_fseft.trainers import METHODS, nnUNetTrainerFSEFT_Start, nnUNetTrainerFSEFT_TargetOnly
+    return {**METHODS, "nnUNetTrainerFSEFT_Start": nnUNetTrainerFSEFT_Start,
+            "nnUNetTrainerFSEFT_TargetOnly": nnUNetTrainerFSEFT_TargetOnly}
+
+
+def is_peft(method: str) -> bool:
+    """A parameter-efficient method, for the report's comparisons: every method but full fine-tuning,
+    decoder fine-tuning (DecoderFT*), the target trained alone and the step-0 network (by name: a
+    user's variant counts as PEFT unless its name is one of those)."""
+    return method not in NOT_PEFT and not method.startswith("DecoderFT")
 
 
 def method_trainers(methods: List[str]) -> dict:

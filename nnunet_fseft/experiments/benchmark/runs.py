@@ -8,6 +8,16 @@ when the benchmark is run again: a run is done when its row is in runs.jsonl. A 
 fails is recorded there as failed, with the reason, and the protocol goes on with the others; the
 report lists it, and the next benchmark run retries it.
 
+Every run is scored by nnU-Net's evaluator on the held-out cases, per label, or per region for a
+dataset of regions (BraTS's "whole tumor", "tumor core", "enhancing tumor"), each by its name in
+dataset.json (`label_name`): the mean over cases of Dice, sensitivity and specificity in the run's
+row of runs.jsonl ("per_label") and in results.csv, and each case's own in the row's "per_case"
+({case: {label: {dice, sensitivity, specificity}}}, null where undefined: no voxel of it in the
+reference, nor in the prediction for Dice) and in a second CSV, per_case.csv (one row per run per
+case per label; results.csv keeps one row per run per label).
+
+K is a number or "all", every case outside the held-out set (`parse_k`).
+
 The output folder holds one benchmark: its benchmark.json names the dataset, the foundation
 (sha256), the schedule and the held-out cases, and a benchmark of anything else is refused
 there. Files in it that the benchmark did not write are kept as backups, never replaced.
@@ -15,9 +25,12 @@ there. Files in it that the benchmark did not write are kept as backups, never r
 import json
 import os
 import time
-from typing import List, Optional
+from typing import List, Optional, Union
 
-from nnunet_fseft.datasets.dataset_json import has_regions, plain_foreground
+import numpy as np
+
+from nnunet_fseft.datasets.dataset_json import has_regions
+from nnunet_fseft.datasets.kshot import identical_fold_warnings, parse_k
 from nnunet_fseft.datasets.safe_write import backup_name
 from nnunet_fseft.environment import schedule_overrides
 from nnunet_fseft.errors import InputError
@@ -29,14 +42,14 @@ from nnunet_fseft.plans import PLANS_NAME
 from nnunet_fseft.runner import CommandFailed, quiet, run
 
 
-def benchmark(foundation: str, dataset: str, ks: List[int], repeats: int, methods: List[str], test: int,
+def benchmark(foundation: str, dataset: str, ks: List[Union[int, str]], repeats: int, methods: List[str], test: int,
               out: str, fold: str = "all", device: str = "cpu", base_organs: bool = False) -> dict:
     """Trains, predicts and scores every run not done yet; writes results.csv, results.json, report.md
     and figures in OUT. The schedule is the trainers' own, or nnUNet_fseft_epochs / _iters_per_epoch.
     Every check (methods, device, dataset, K, foundation, the folder OUT) comes before any work.
     `base_organs`: the task is to adapt organs the foundation segments, so a label it does not
     segment zero-shot (or knows not at all) stops the benchmark before any training, not only a
-    warning in the report."""
+    warning in the report. A K of "all" is every case outside the held-out set."""
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
     from nnunet_fseft.foundation.adopt import foundation_checkpoint
     from nnunet_fseft.datasets.dataset_json import read_dataset_json
@@ -55,6 +68,7 @@ def benchmark(foundation: str, dataset: str, ks: List[int], repeats: int, method
     raw = os.path.join(require_env("nnUNet_raw"), name)
     images = {c: v["images"] for c, v in get_filenames_of_train_images_and_targets(
         raw, read_dataset_json(os.path.join(raw, "dataset.json"))).items()}
+    ks = [parse_k(k, len(images), test) for k in ks]
     splits = folds(sorted(set(ks)), repeats, sorted(images), test)  # checks K + test <= cases first
     checkpoint = foundation_checkpoint(foundation, fold, "checkpoint_final.pth")
     identity = {"dataset": name, "foundation_sha256": sha256(checkpoint), "schedule": schedule_overrides(),
@@ -68,6 +82,9 @@ def benchmark(foundation: str, dataset: str, ks: List[int], repeats: int, method
     else:
         for backup in backups:
             print(f"Kept {os.path.basename(backup).split('.bak-')[0]} (not written by a benchmark) as {backup}")
+    for i, _ in enumerate(sorted(set(ks))):  # K = all (or close to it): repeats that train on the same cases
+        for warning in identical_fold_warnings(splits[i * repeats:(i + 1) * repeats], len(images) - test):
+            print(f"Warning: {warning}")
     try:
         return _run_all(folder, foundation, fold, name, raw, images, ks, repeats, trainers, splits, device,
                         base_organs)
@@ -101,7 +118,6 @@ def _run_all(folder: OutputFolder, foundation: str, fold: str, name: str, raw: s
     configuration = plans[PLANS_KEY]["configuration"]
     costs = {r["method"]: r for r in method_costs(plans, dataset_json, configuration, list(trainers.values()))}
     held_out = link_held_out(images, splits[0]["val"], os.path.join(folder.path, "held_out"))
-    labels = {v: n for n, v in plain_foreground(dataset_json["labels"]).items()}
 
     def one_run(m: str, k: int, r: int, f: int) -> dict:
         """Trains, predicts and scores one run; a failed command raises CommandFailed."""
@@ -118,11 +134,11 @@ def _run_all(folder: OutputFolder, foundation: str, fold: str, name: str, raw: s
         pred = os.path.join(folder.path, "predictions", m, f"K{k}", f"repeat{r}")
         run(["nnUNetv2_predict", "-i", held_out, "-o", pred, "-d", name, "-c", configuration, "-f", str(f),
              "-p", PLANS_NAME, "-tr", trainer, "-device", device, "--disable_tta"], log=folder.log, env=env)
-        metrics = _evaluate(os.path.join(raw, "labelsTr"), pred, plans, dataset_json)
+        per_label, per_case = evaluate(os.path.join(raw, "labelsTr"), pred, plans, dataset_json)
         cost = costs.get(trainer, {})
         return {"wall_s": round(wall, 1), "peak_gpu_mib": _peak_gpu(train_log), "peak_host_mib": round(peak_host, 1),
                 "trainable": cost.get("trainable"), "total": cost.get("total"), "adapter_bytes": cost.get("file_bytes"),
-                "per_label": {labels[int(l)]: v for l, v in metrics.items()}}
+                "per_label": per_label, "per_case": per_case}
 
     zero = zero_shot_scores(folder, name, plans, dataset_json, device)  # first: it can void a base-organ task
     unlearned = unlearned_labels(zero)
@@ -135,7 +151,9 @@ def _run_all(folder: OutputFolder, foundation: str, fold: str, name: str, raw: s
               f"known one", flush=True)
     todo = run_order(ks, repeats, list(trainers))
     runs = run_pending(folder, todo, splits, device, one_run)
-    result = write_reports(folder, runs, zero, sorted(set(ks)), list(trainers))
+    result = write_reports(folder, runs, zero, sorted(set(ks)), list(trainers), pool=len(images) - len(splits[0]["val"]),
+                           zero_scores=zero_shot_details(folder, dataset_json, zero),
+                           regions=has_regions(dataset_json["labels"]))
     if result["failed"]:
         print(f"{len(result['failed'])} of {len(todo)} runs failed (listed in {os.path.join(folder.path, 'report.md')},"
               f" all their output in {folder.log}); run the benchmark again to retry them", flush=True)
@@ -189,8 +207,9 @@ def _peak_gpu(train_log: str):
     return float(m[-1]) if m else None
 
 
-def _evaluate(reference: str, pred: str, plans: dict, dataset_json: dict) -> dict:
-    """nnU-Net's evaluator on the predicted held-out cases: per label Dice, sensitivity, specificity."""
+def evaluate(reference: str, pred: str, plans: dict, dataset_json: dict):
+    """nnU-Net's evaluator on the predicted held-out cases (per label, or per region): (per label
+    name the mean Dice, sensitivity, specificity; per case per label name its own), `scores`."""
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
     from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
     from nnunetv2.utilities.label_handling.label_handling import get_labelmanager_class_from_plans
@@ -200,11 +219,51 @@ def _evaluate(reference: str, pred: str, plans: dict, dataset_json: dict) -> dic
     summary = compute_metrics_on_folder(reference, pred, os.path.join(pred, "summary.json"), rw,
                                         dataset_json["file_ending"], labels, lm.ignore_label, chill=True,
                                         num_processes=2)
-    out = {}
-    for label, m in summary["mean"].items():
-        out[label] = {"dice": float(m["Dice"]), "sensitivity": float(m["TP"] / max(m["TP"] + m["FN"], 1e-8)),
-                      "specificity": float(m["TN"] / max(m["TN"] + m["FP"], 1e-8))}
-    return out
+    return scores(summary, dataset_json["labels"], dataset_json["file_ending"])
+
+
+def _values(label) -> tuple:
+    """The label values a label or region stands for, sorted: 2, "2", [1, 2], (2, 1) and "(1, 2)"."""
+    if isinstance(label, str):
+        text = label.strip()
+        label = [int(x) for x in text.strip("()[]").split(",") if x.strip()] if text[:1] in "([" else int(text)
+    if isinstance(label, (list, tuple)):
+        return tuple(sorted({int(x) for x in label}))
+    return (int(label),)
+
+
+def label_name(key, labels: dict) -> str:
+    """The name in dataset.json's `labels` of one of nnU-Net's metric keys: a label value (1), a
+    region (a tuple, (1, 2, 3), as compute_metrics_on_folder returns them) or either as summary.json
+    writes it ("1", "(1, 2, 3)"); a region matches its label values in any order."""
+    wanted = _values(key)
+    for name, value in labels.items():
+        if name != "ignore" and _values(value) == wanted:
+            return name
+    raise KeyError(f"nnU-Net scored {key!r}, which is no label or region of dataset.json ({labels})")
+
+
+def _ratio(part, whole) -> Optional[float]:
+    return float(part / whole) if whole > 0 else None
+
+
+def scores(summary: dict, labels: dict, file_ending: str):
+    """(per label name {dice, sensitivity, specificity}: nnU-Net's mean over cases, sensitivity and
+    specificity from its mean TP, FN, TN, FP; per case name the same of each case, None where it is
+    undefined) from a summary of compute_metrics_on_folder, returned or read back from summary.json."""
+    per_label = {label_name(key, labels): {"dice": float(m["Dice"]),
+                                           "sensitivity": float(m["TP"] / max(m["TP"] + m["FN"], 1e-8)),
+                                           "specificity": float(m["TN"] / max(m["TN"] + m["FP"], 1e-8))}
+                 for key, m in summary["mean"].items()}
+    per_case = {}
+    for one in summary.get("metric_per_case", []):
+        case = os.path.basename(one["reference_file"])
+        case = case[:-len(file_ending)] if case.endswith(file_ending) else case
+        per_case[case] = {label_name(key, labels): {
+            "dice": None if m["Dice"] is None or np.isnan(m["Dice"]) else float(m["Dice"]),
+            "sensitivity": _ratio(m["TP"], m["TP"] + m["FN"]), "specificity": _ratio(m["TN"], m["TN"] + m["FP"])}
+            for key, m in one["metrics"].items()}
+    return per_label, per_case
 
 
 def zero_shot_scores(folder: OutputFolder, name: str, plans: dict, dataset_json: dict, device: str) -> Optional[dict]:
@@ -213,14 +272,17 @@ def zero_shot_scores(folder: OutputFolder, name: str, plans: dict, dataset_json:
     is written: the next benchmark run computes it again."""
     from nnunet_fseft.datasets.dataset_json import read_json
     from nnunet_fseft.foundation.record import recorded_foundation
-    from nnunet_fseft.foundation.labels import match_labels
+    from nnunet_fseft.foundation.labels import match_outputs, mixed_outputs
     from nnunet_fseft.foundation.zeroshot import zeroshot
     foundation_labels = recorded_foundation(plans)["labels"]
-    if has_regions(foundation_labels):
-        print("zero-shot: none (the foundation predicts regions, which cannot be renamed to the target's labels)")
+    regions = has_regions(dataset_json["labels"])
+    mixed = mixed_outputs(dataset_json["labels"], foundation_labels, name)
+    if mixed:
+        print(f"zero-shot: none ({mixed})")
         return None
-    if not match_labels(dataset_json["labels"], foundation_labels):
-        print(f"zero-shot: none (no label of {name} is a class the foundation knows)")
+    if not match_outputs(dataset_json["labels"], foundation_labels):
+        print(f"zero-shot: none (no {'region' if regions else 'label'} of {name} is a "
+              f"{'region' if regions else 'class'} the foundation knows)")
         return None
     path = os.path.join(folder.path, "zero_shot.json")
     if os.path.isfile(path):
@@ -236,3 +298,31 @@ def zero_shot_scores(folder: OutputFolder, name: str, plans: dict, dataset_json:
         json.dump(dice, f)
     folder.wrote("zero_shot.json")
     return dice
+
+
+def zero_shot_details(folder: OutputFolder, dataset_json: dict, zero: Optional[dict]) -> Optional[dict]:
+    """The zero-shot scores of the labels in `zero` as a run's row has them ({"per_label": ...,
+    "per_case": {case: {label: {dice, sensitivity, specificity}}}}), from the summary.json that
+    zeroshot wrote beside its predictions; None where there is none, or it cannot be read: the
+    report then has the zero-shot Dice means only."""
+    path = os.path.join(folder.path, "predictions", "zero_shot", "summary.json")
+    if not zero or not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+        labels = {n: v for n, v in dataset_json["labels"].items() if n in zero or n == "background"}
+        summary["mean"] = {k: m for k, m in summary["mean"].items() if _known(k, labels)}
+        for one in summary["metric_per_case"]:
+            one["metrics"] = {k: m for k, m in one["metrics"].items() if _known(k, labels)}
+        per_label, per_case = scores(summary, labels, dataset_json["file_ending"])
+    except (ValueError, KeyError, TypeError, OSError):
+        return None
+    return {"per_label": per_label, "per_case": per_case} if per_case else None
+
+
+def _known(key, labels: dict) -> bool:
+    try:
+        return label_name(key, labels) != "background"
+    except (KeyError, ValueError):
+        return False
