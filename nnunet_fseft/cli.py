@@ -70,8 +70,21 @@ def cmd_combine(args):
 
 def cmd_benchmark(args):
     from nnunet_fseft.experiments.benchmark.runs import benchmark
+    executor = None
+    if args.executor != "none":
+        from nnunet_fseft.experiments.benchmark.jobs import Executor
+        executor = Executor(args.executor, args.jobs, wait=not args.no_wait, slurm={
+            "partition": args.slurm_partition, "gpus_per_job": args.slurm_gpus_per_job, "time_min": args.slurm_time,
+            "cpus_per_job": args.slurm_cpus_per_job, "mem_gb": args.slurm_mem_gb, "account": args.slurm_account,
+            "qos": args.slurm_qos, "constraint": args.slurm_constraint})
+    elif args.no_wait:
+        raise InputError("--no-wait needs --executor slurm.")
+    elif args.jobs != 1:
+        raise InputError("--jobs needs --executor local or slurm.")
     result = benchmark(args.foundation, args.d, args.k, args.repeats, args.methods, args.test, args.o, args.fold,
-                       args.device)
+                       args.device, executor=executor, report_only=args.report_only)
+    if result.get("submitted"):
+        return
     print(f"Wrote results.csv, per_case.csv, results.json, report.md and figures in {args.o}")
     if result.get("failed"):  # the other runs were made and reported; scripts still need to notice
         sys.exit(1)
@@ -258,6 +271,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test", type=int, default=10, help="held-out cases, the same for every run")
     s.add_argument("-o", required=True, help="output folder (results.csv, results.json, report.md, figures)")
     _device_arg(s)
+    s.add_argument("--executor", choices=["none", "local", "slurm"], default="none",
+                   help="none (default): the runs one after another in this process; local or slurm: one job per "
+                        "run through submitit (pip install \"nnunet-fseft[cluster]\"), on this machine or on SLURM")
+    s.add_argument("--jobs", type=int, default=1, help="jobs running at once (local or slurm; default 1)")
+    s.add_argument("--no-wait", action="store_true",
+                   help="slurm: submit the jobs and return; --report-only later writes the report")
+    s.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the report of the runs finished so far in -o")
+    g = s.add_argument_group("SLURM (--executor slurm)")
+    g.add_argument("--slurm-partition", default=None, help="partition (default: the cluster's)")
+    g.add_argument("--slurm-gpus-per-job", type=int, default=1, help="GPUs per job (default 1)")
+    g.add_argument("--slurm-time", type=int, default=24 * 60, help="time limit per job in minutes (default 1440)")
+    g.add_argument("--slurm-cpus-per-job", type=int, default=8, help="CPU cores per job (default 8)")
+    g.add_argument("--slurm-mem-gb", type=int, default=32, help="memory per job in GB (default 32)")
+    g.add_argument("--slurm-account", default=None)
+    g.add_argument("--slurm-qos", default=None)
+    g.add_argument("--slurm-constraint", default=None)
     s.set_defaults(func=cmd_benchmark)
 
     s = sub.add_parser("demo", help="the whole few-shot loop on synthetic data, end to end")

@@ -11,6 +11,9 @@ EPOCHS = "nnUNet_fseft_epochs"  # a trainer's number of epochs
 ITERATIONS = "nnUNet_fseft_iters_per_epoch"  # and of iterations per epoch
 GPU_DATA = "nnUNet_fseft_gpu_data"  # 1 / 0: the support set on the training device, or nnU-Net's CPU path
 QUERY = "nnUNet_fseft_query"  # folder of unlabelled query images for transductive inference
+# CPU threads of one training: nnU-Net gives a CPU training every core, so trainings side by side
+# on one machine (a benchmark's local jobs) would fight over them
+THREADS = "nnUNet_fseft_threads"
 
 
 def require_env(name: str) -> str:
@@ -57,3 +60,8 @@ def gpu_data_enabled(default: bool) -> bool:
 def query_folder() -> Optional[str]:
     """The folder nnUNet_fseft_query names, or None where it is unset or empty."""
     return os.environ.get(QUERY) or None
+
+
+def cpu_threads() -> Optional[int]:
+    """The number of CPU threads nnUNet_fseft_threads asks a training for, or None where it is unset."""
+    return positive_int(THREADS, 0) or None

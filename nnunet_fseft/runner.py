@@ -71,13 +71,41 @@ def _stop(group: int) -> None:
         pass
 
 
+def _prctl():
+    """libc's prctl on Linux, found once here: not in the forked child, where loading a library is unsafe."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _prctl()
+
+
+def _die_with(parent: int):
+    """For the command's process, before it starts (Linux): the kernel kills it when the process that
+    started it dies, even by SIGKILL (a benchmark job killed on a cluster, say), so that no training
+    goes on unwatched, writing into a run that will be retried. A parent already gone: it stops at
+    once. Elsewhere nothing."""
+    def before_exec():
+        if _PRCTL is not None:
+            _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+            if os.getppid() != parent:
+                os._exit(1)
+    return before_exec
+
+
 def run(args: Sequence, log: Optional[str] = None, env: Optional[dict] = None, check: bool = True,
         on_line: Optional[Callable[[str], None]] = None, timeout: Optional[float] = None,
         cwd: Optional[str] = None) -> Finished:
     """Runs `args` (a command name and its arguments) in the folder `cwd` (default this one),
     appending its output to the file `log` if given and passing each line to `on_line`. Raises
     CommandFailed on a non-zero exit if `check`. Past `timeout` seconds, or when this process stops
-    waiting (Ctrl-C, an error in `on_line`), the command and every process it started are killed."""
+    waiting (Ctrl-C, an error in `on_line`), the command and every process it started are killed;
+    if this process is killed, the command is killed with it (`_die_with`)."""
     cmd = [command_path(str(args[0]))] + [str(a) for a in args[1:]]
     lines = []
     expired = threading.Event()
@@ -91,7 +119,8 @@ def run(args: Sequence, log: Optional[str] = None, env: Optional[dict] = None, c
         # a session of its own, so that one signal to its process group reaches its workers too
         # (and Ctrl-C in the terminal reaches only us: the `finally` below then stops it)
         p = subprocess.Popen(cmd, env=command_env(cmd[0], env), cwd=cwd, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+                             stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True,
+                             preexec_fn=_die_with(os.getpid()))
         if timeout:
             timer = threading.Timer(timeout, lambda: (expired.set(), _stop(p.pid)))
             timer.start()

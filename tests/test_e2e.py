@@ -110,15 +110,18 @@ def test_start_trainer_saves_the_untrained_start_and_validates_it(workspace, tar
 
 def test_step_0_predicts_exactly_what_zeroshot_predicts(workspace, foundation, tmp_path):
     """A target with two of the foundation's four organs: the other two are grouped with background
-    (nnunet_fseft/network/grouped_head.py), so the untrained start segments the held-out scans as zeroshot does."""
+    (nnunet_fseft/network/grouped_head.py), so the untrained start segments the held-out scans as zeroshot does.
+    The liver is one of the two because the session's foundation (6 iterations) reliably finds it on
+    scanner B (hundreds of voxels per scan); on the spleen and a kidney it found 2-10 voxels, none on
+    some runs, which made this test fail by chance."""
     run(["nnunet-fseft", "synth", "-d", "506", "--cases", "4", "--test", "0", "--seed", "21", "--shape", "32", "32", "32",
-         "--name", "SynthSubset", "--organs", "spleen", "kidney_left", "--scanner", "B"])
+         "--name", "SynthSubset", "--organs", "liver", "spleen", "--scanner", "B"])
     run(["nnunet-fseft", "adopt", "--foundation", foundation, "-d", "506"])
     run(["nnunet-fseft", "kshot", "-d", "506", "-k", "1", "--repeats", "1", "--test", "2"])
     trainer = "nnUNetTrainerFSEFT_Start"
     log = run(["nnUNetv2_train", "506", "3d_fullres", "0", "-p", PLANS_NAME, "-tr", trainer, "-device", "cpu"],
               env=TRAIN_ENV).stdout
-    assert "the foundation's 'liver', 'kidney_right' grouped with background" in log
+    assert "the foundation's 'kidney_left', 'kidney_right' grouped with background" in log
     name = "Dataset506_SynthSubset"
     held_out = json.loads((workspace / "nnUNet_preprocessed" / name / "splits_final.json").read_text())[0]["val"]
     images = tmp_path / "held_out"
@@ -133,7 +136,7 @@ def test_step_0_predicts_exactly_what_zeroshot_predicts(workspace, foundation, t
     assert all(set(np.unique(z)) > {0} for z in zero_shot)  # the organs are found, not only background
     for a, b in zip(start, zero_shot):
         assert np.array_equal(a, b)
-    assert "spleen" in out
+    assert "liver" in out
 
 
 def copy_of(lora_run, tmp_path):

@@ -17,7 +17,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 
-from nnunet_fseft.environment import epochs_overridden, gpu_data_enabled
+from nnunet_fseft.environment import cpu_threads, epochs_overridden, gpu_data_enabled
 from nnunet_fseft.errors import InputError
 from nnunet_fseft.foundation.record import (architecture_trainer, load_foundation, pretrained_weights_argument,
                                             read_checkpoint, recorded_foundation, unwrap)
@@ -77,6 +77,8 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
                  device: torch.device = torch.device('cuda')):
         check_settings(type(self))  # before nnU-Net's set-up: a misspelt hyper-parameter stops here
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.device.type == "cpu" and cpu_threads():  # after nnUNetv2_train gave torch every core
+            torch.set_num_threads(cpu_threads())
         # the length until on_train_start knows K (plan_schedule)
         set_schedule(self, self.epochs or self.max_passes, self.iterations_per_epoch, self.val_iterations_per_epoch)
         self.schedule = None

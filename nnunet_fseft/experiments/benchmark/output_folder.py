@@ -1,5 +1,9 @@
 """The benchmark's output folder: benchmark.json (which benchmark it holds, what it wrote), backups
-of files it did not write, and the held-out images it links."""
+of files it did not write, the held-out images it links, and its two locks: one held by the
+benchmark call running there (so a second one is refused), one held while a shared file (runs.jsonl,
+benchmark.json, the reports) is written (by that call, or by a --report-only call beside it)."""
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -10,10 +14,47 @@ from nnunet_fseft.errors import InputError
 
 
 MANIFEST = "benchmark.json"
+RUNNING_LOCK, WRITE_LOCK = "benchmark.lock", "benchmark.write.lock"
 FIGURES = ("dice_vs_k.png", "dice_vs_parameters.png", "cost.png", "dice_boxplot.png", "dice_boxplot_per_label.png")
 # Everything a benchmark writes in its output folder
 OUTPUTS = ("runs.jsonl", "log.txt", "zero_shot.json", "results.csv", "per_case.csv", "results.json", "report.md",
-           *FIGURES, "held_out", "predictions")
+           *FIGURES, "held_out", "predictions", "runs", "jobs")
+
+
+_WARNED = set()
+
+
+def _warn_no_locks(path: str, error: OSError) -> None:
+    folder = os.path.dirname(path)
+    if folder not in _WARNED:
+        _WARNED.add(folder)
+        print(f"Warning: the file system of {folder} has no file locks ({error.strerror}): two benchmark calls "
+              f"there, or a call and a job of an earlier one, are not kept apart; run one at a time.", flush=True)
+
+
+class Busy(Exception):
+    """The lock is held by another process."""
+
+
+@contextlib.contextmanager
+def file_lock(path: str, blocking: bool = True):
+    """An exclusive lock on the file `path` (created if needed) while inside; raises Busy where another
+    process holds it and not `blocking`. The lock ends with the process that holds it, however it
+    ends, so a killed benchmark or job leaves no stale lock. A file system without locks (some
+    cluster file systems) gives no exclusion, and no error."""
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            fh.seek(0)
+            raise Busy(fh.read().strip())
+        except OSError as e:  # ENOLCK / ENOSYS: locks not supported here
+            _warn_no_locks(path, e)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        fh.flush()
+        yield
 
 
 class OutputFolder:
@@ -30,6 +71,7 @@ class OutputFolder:
         self.claimed = False  # benchmark.json written by this call
         self.backups = []  # (file, its backup) moved aside by this call's claim()
         self.manifest = self._read()
+        self._writing = 0  # depth of writing() in this process
         # runs of a benchmark from before benchmark.json existed: nothing says which benchmark they are of
         self.legacy = self.manifest is None and os.path.isfile(os.path.join(path, "runs.jsonl"))
         if self.manifest is not None:
@@ -58,6 +100,36 @@ class OutputFolder:
             raise InputError(f"{self.path} holds a benchmark of {what}; pass another -o for this one, or remove "
                              f"{self.path}.")
 
+    @contextlib.contextmanager
+    def running(self):
+        """Held by the one benchmark call that runs (or submits) this folder's runs."""
+        os.makedirs(self.path, exist_ok=True)
+        try:
+            with file_lock(os.path.join(self.path, RUNNING_LOCK), blocking=False):
+                yield
+        except Busy as e:
+            raise InputError(f"Another `nnunet-fseft benchmark` is running in {self.path} ({e}); wait for it to "
+                             f"end, or run this one with --report-only for a report of the runs finished so far.")
+
+    @contextlib.contextmanager
+    def writing(self):
+        """Held while runs.jsonl, benchmark.json or a report file is written (re-entrant in this process).
+        benchmark.json is read again first: a --report-only call beside this one may have written."""
+        if self._writing:
+            self._writing += 1
+            try:
+                yield
+            finally:
+                self._writing -= 1
+            return
+        with file_lock(os.path.join(self.path, WRITE_LOCK)):
+            self.manifest = self._read() or self.manifest
+            self._writing = 1
+            try:
+                yield
+            finally:
+                self._writing = 0
+
     def claim(self) -> List[str]:
         """Creates the folder for this benchmark; in a folder of no benchmark, whatever has the name of
         one of the benchmark's files is moved to a backup first. Returns the backups."""
@@ -82,11 +154,15 @@ class OutputFolder:
         return path
 
     def wrote(self, name: str) -> None:
-        self.manifest["written"][name] = _digest(os.path.join(self.path, name))
+        with self.writing():
+            self.manifest["written"][name] = _digest(os.path.join(self.path, name))
+            self.save()
 
     def save(self) -> None:
-        with open(self.manifest_path, "w") as f:
-            json.dump(self.manifest, f, indent=1)
+        with self.writing():  # whole or not at all: a reader beside us never sees half of it
+            with open(self.manifest_path + ".tmp", "w") as f:
+                json.dump(self.manifest, f, indent=1)
+            os.replace(self.manifest_path + ".tmp", self.manifest_path)
 
     def tidy(self) -> List[str]:
         """After the benchmark, also one that stopped early (a refusal in adopt, say): no empty log is
@@ -96,8 +172,12 @@ class OutputFolder:
         restored = []
         if os.path.isfile(self.log) and os.path.getsize(self.log) == 0:
             os.remove(self.log)
-        if self.claimed and not os.path.exists(self.log) and not os.path.exists(os.path.join(self.path, "runs.jsonl")):
+        ran = [n for n in ("log.txt", "runs.jsonl", "runs") if os.path.exists(os.path.join(self.path, n))]
+        if self.claimed and not ran:  # (runs/: jobs were submitted, and may be queued still)
             os.remove(self.manifest_path)
+            for lock in (RUNNING_LOCK, WRITE_LOCK):  # a lock held on a removed file excludes nobody new
+                if os.path.isfile(os.path.join(self.path, lock)):
+                    os.remove(os.path.join(self.path, lock))
             if os.path.isdir(os.path.join(self.path, "held_out")):
                 shutil.rmtree(os.path.join(self.path, "held_out"))  # symbolic links: the images stay
             for original, backup in self.backups:

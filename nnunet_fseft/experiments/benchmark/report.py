@@ -102,7 +102,8 @@ def write_reports(folder: OutputFolder, runs: list, zero: Optional[dict], ks: li
     if unlearned:
         lines += ["", f"The foundation {unlearned}: for it this is a novel-organ task, whatever the label's name."]
     if failed:
-        lines += ["", "Failed runs (run the benchmark again to retry them; their output is in log.txt):", ""]
+        lines += ["", "Failed runs (run the benchmark again to retry them; their output is in log.txt, or in the log "
+                      "a job's line names):", ""]
         lines += [f"- {r['method']} K={r['K']} repeat {r['repeat']} (fold {r['fold']}): {r['failed']}" for r in failed]
     lines += ["", f"Per {'region' if regions else 'label'} (Dice / sensitivity / specificity, mean over repeats):", "",
               f"| method | K | {'region' if regions else 'label'} | Dice | sensitivity | specificity |",

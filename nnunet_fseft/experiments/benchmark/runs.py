@@ -43,13 +43,17 @@ from nnunet_fseft.runner import CommandFailed, quiet, run
 
 
 def benchmark(foundation: str, dataset: str, ks: List[Union[int, str]], repeats: int, methods: List[str], test: int,
-              out: str, fold: str = "all", device: str = "cpu", base_organs: bool = False) -> dict:
+              out: str, fold: str = "all", device: str = "cpu", base_organs: bool = False,
+              executor=None, report_only: bool = False) -> dict:
     """Trains, predicts and scores every run not done yet; writes results.csv, results.json, report.md
     and figures in OUT. The schedule is the trainers' own, or nnUNet_fseft_epochs / _iters_per_epoch.
     Every check (methods, device, dataset, K, foundation, the folder OUT) comes before any work.
     `base_organs`: the task is to adapt organs the foundation segments, so a label it does not
     segment zero-shot (or knows not at all) stops the benchmark before any training, not only a
-    warning in the report. A K of "all" is every case outside the held-out set."""
+    warning in the report. A K of "all" is every case outside the held-out set.
+    `executor` (jobs.Executor): every run is a job of its own, locally or on SLURM (jobs.py), not a
+    step of this process. `report_only`: nothing is trained; the report is written from the runs
+    finished so far (also while another call is running the others)."""
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
     from nnunet_fseft.foundation.adopt import foundation_checkpoint
     from nnunet_fseft.datasets.dataset_json import read_dataset_json
@@ -74,6 +78,16 @@ def benchmark(foundation: str, dataset: str, ks: List[Union[int, str]], repeats:
     identity = {"dataset": name, "foundation_sha256": sha256(checkpoint), "schedule": schedule_overrides(),
                 "held_out": splits[0]["val"]}
     folder = OutputFolder(out, identity)  # refuses another benchmark's folder
+    if report_only:
+        return _report_only(folder, name, raw, ks, repeats, trainers, splits, images, device)
+    with folder.running():  # refuses a second call running in OUT
+        return _claim_and_run(folder, foundation, fold, name, raw, images, ks, repeats, trainers, splits, device,
+                              base_organs, executor, test)
+
+
+def _claim_and_run(folder: OutputFolder, foundation, fold, name, raw, images, ks, repeats, trainers, splits, device,
+                   base_organs, executor, test) -> dict:
+    out = folder.path
     backups = folder.claim()
     if folder.legacy:
         print(f"{out} was written by an older nnunet-fseft (it has no {MANIFEST}, so nothing says which benchmark "
@@ -87,15 +101,43 @@ def benchmark(foundation: str, dataset: str, ks: List[Union[int, str]], repeats:
             print(f"Warning: {warning}")
     try:
         return _run_all(folder, foundation, fold, name, raw, images, ks, repeats, trainers, splits, device,
-                        base_organs)
+                        base_organs, executor)
     finally:
         restored = folder.tidy()
         if restored:
             print(f"Nothing ran, so {', '.join(os.path.basename(f) for f in restored)} moved back from the backups")
 
 
+def _report_only(folder: OutputFolder, name: str, raw: str, ks: list, repeats: int, trainers: dict, splits: list,
+                 images: dict, device: str) -> dict:
+    """The report of the runs finished so far in OUT (runs.jsonl, and the row.json of jobs that ended
+    since their submitter stopped); trains and predicts nothing."""
+    from nnunet_fseft.experiments.benchmark.jobs import collect_finished
+    from nnunet_fseft.plans.load import load_plans
+    if folder.manifest is None or not os.path.isfile(os.path.join(folder.path, RUNS)) and \
+            not os.path.isdir(os.path.join(folder.path, "runs")):
+        raise InputError(f"No run of this benchmark has finished in {folder.path} yet; run it without --report-only "
+                         f"first.")
+    plans, dataset_json = load_plans(name, PLANS_NAME)
+    todo = run_order(ks, repeats, list(trainers))
+    zero = zero_shot_scores(folder, name, plans, dataset_json, device, compute=False)
+    with folder.writing():  # one consistent state: no row appended meanwhile
+        collect_finished(folder)
+        runs, earlier = others_and_earlier(folder, [(m, k, r, tuple(splits[f]["train"])) for m, k, r, f in todo])
+        asked = [row for row in earlier if row is not None]
+        missing = sum(row is None for row in earlier)
+        result = write_reports(folder, runs + asked, zero, sorted(set(ks)), list(trainers),
+                               pool=len(images) - len(splits[0]["val"]),
+                               zero_scores=zero_shot_details(folder, dataset_json, zero),
+                               regions=has_regions(dataset_json["labels"]))
+    failed = sum("failed" in row for row in asked)
+    print(f"Report of {len(asked) - failed} finished runs of {len(todo)} ({failed} failed, {missing} not finished "
+          f"yet)", flush=True)
+    return result
+
+
 def _run_all(folder: OutputFolder, foundation: str, fold: str, name: str, raw: str, images: dict, ks: list,
-             repeats: int, trainers: dict, splits: list, device: str, base_organs: bool) -> dict:
+             repeats: int, trainers: dict, splits: list, device: str, base_organs: bool, executor=None) -> dict:
     from nnunet_fseft.foundation.adopt import adopt
     from nnunet_fseft.sharing.costs import method_costs
     from nnunet_fseft.datasets.dataset_json import read_json
@@ -119,26 +161,15 @@ def _run_all(folder: OutputFolder, foundation: str, fold: str, name: str, raw: s
     costs = {r["method"]: r for r in method_costs(plans, dataset_json, configuration, list(trainers.values()))}
     held_out = link_held_out(images, splits[0]["val"], os.path.join(folder.path, "held_out"))
 
-    def one_run(m: str, k: int, r: int, f: int) -> dict:
-        """Trains, predicts and scores one run; a failed command raises CommandFailed."""
+    def spec(m: str, k: int, r: int, f: int) -> dict:
+        """Everything one run needs, as plain data: what a job on another machine is sent."""
         trainer = trainers[m].__name__
-        env = run_env(trainers[m], device, held_out)
-        fold_dir = os.path.join(results_root, name, f"{trainer}__{PLANS_NAME}__{configuration}", f"fold_{f}")
-        if os.path.isdir(fold_dir):  # not a finished run of ours: keep it rather than overwrite it
-            os.rename(fold_dir, backup_name(fold_dir))
-        t0 = time.time()
-        peak_host = run(["nnUNetv2_train", name, configuration, str(f), "-p", PLANS_NAME, "-tr", trainer,
-                         "-device", device], log=folder.log, env=env).peak_host_mib
-        wall = time.time() - t0
-        train_log = open(sorted(_glob(fold_dir, "training_log_"))[-1]).read()
-        pred = os.path.join(folder.path, "predictions", m, f"K{k}", f"repeat{r}")
-        run(["nnUNetv2_predict", "-i", held_out, "-o", pred, "-d", name, "-c", configuration, "-f", str(f),
-             "-p", PLANS_NAME, "-tr", trainer, "-device", device, "--disable_tta"], log=folder.log, env=env)
-        per_label, per_case = evaluate(os.path.join(raw, "labelsTr"), pred, plans, dataset_json)
-        cost = costs.get(trainer, {})
-        return {"wall_s": round(wall, 1), "peak_gpu_mib": _peak_gpu(train_log), "peak_host_mib": round(peak_host, 1),
-                "trainable": cost.get("trainable"), "total": cost.get("total"), "adapter_bytes": cost.get("file_bytes"),
-                "per_label": per_label, "per_case": per_case}
+        return {"method": m, "K": k, "repeat": r, "fold": f, "support": splits[f]["train"], "dataset": name,
+                "raw": raw, "configuration": configuration, "trainer": trainer, "device": device,
+                "env": run_env(trainers[m], device, held_out), "held_out": held_out,
+                "fold_dir": os.path.join(results_root, name, f"{trainer}__{PLANS_NAME}__{configuration}", f"fold_{f}"),
+                "predictions": os.path.join(folder.path, "predictions", m, f"K{k}", f"repeat{r}"),
+                "log": folder.log, "cost": costs.get(trainer, {}), "plans": plans, "dataset_json": dataset_json}
 
     zero = zero_shot_scores(folder, name, plans, dataset_json, device)  # first: it can void a base-organ task
     unlearned = unlearned_labels(zero)
@@ -150,33 +181,88 @@ def _run_all(folder: OutputFolder, foundation: str, fold: str, name: str, raw: s
         print(f"Warning: the foundation {unlearned}: its rows measure a novel organ, not the adaptation of a "
               f"known one", flush=True)
     todo = run_order(ks, repeats, list(trainers))
-    runs = run_pending(folder, todo, splits, device, one_run)
-    result = write_reports(folder, runs, zero, sorted(set(ks)), list(trainers), pool=len(images) - len(splits[0]["val"]),
-                           zero_scores=zero_shot_details(folder, dataset_json, zero),
-                           regions=has_regions(dataset_json["labels"]))
+    from nnunet_fseft.experiments.benchmark.jobs import collect_finished, run_as_jobs, runs_in_flight
+    collect_finished(folder)  # runs that jobs of an earlier --executor call finished count as done
+    if executor is None:
+        busy = runs_in_flight(folder, [spec(*run) for run in todo])
+        if busy:
+            raise InputError(f"Jobs of an earlier --executor call are still running {', '.join(busy)} in "
+                             f"{folder.path}; wait for them, or run the same command with that --executor to "
+                             f"follow them.")
+        runs = run_pending(folder, todo, splits, device, lambda m, k, r, f: train_and_score(spec(m, k, r, f)))
+    else:
+        runs = run_as_jobs(folder, [spec(*run) for run in todo], executor)
+        if runs is None:  # submitted, not waited for
+            return {"runs": [], "failed": [], "submitted": True}
+    with folder.writing():
+        result = write_reports(folder, runs, zero, sorted(set(ks)), list(trainers),
+                               pool=len(images) - len(splits[0]["val"]),
+                               zero_scores=zero_shot_details(folder, dataset_json, zero),
+                               regions=has_regions(dataset_json["labels"]))
     if result["failed"]:
         print(f"{len(result['failed'])} of {len(todo)} runs failed (listed in {os.path.join(folder.path, 'report.md')},"
-              f" all their output in {folder.log}); run the benchmark again to retry them", flush=True)
+              f" all their output in {folder.log if executor is None else 'the log each names'}); run the benchmark "
+              f"again to retry them", flush=True)
     return result
 
 
+RUNS = "runs.jsonl"
+
+
+def run_key(row: dict) -> tuple:
+    """What makes a run the same run: method, K, repeat and its support cases."""
+    return row["method"], row["K"], row["repeat"], tuple(row["support"])
+
+
+def recorded_runs(folder: OutputFolder) -> dict:
+    """The latest row of each run in runs.jsonl, by run_key (rows are appended: a retried run's row
+    comes after its failed one)."""
+    latest = {}
+    path = os.path.join(folder.path, RUNS)
+    with folder.writing():  # no half-written row: it is appended under the same lock
+        if os.path.isfile(path):
+            for line in open(path):
+                row = json.loads(line)
+                latest[run_key(row)] = row
+    return latest
+
+
+def record_run(folder: OutputFolder, row: dict) -> None:
+    """Appends one run's row to runs.jsonl, under the folder's write lock."""
+    with folder.writing():
+        with open(os.path.join(folder.path, RUNS), "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+def measured_row(m: str, k, r: int, f: int, support: list, device: str, measure) -> dict:
+    """One run's row: what `measure()` returns, or, where it raises CommandFailed, the reason it failed
+    (the last line of the command's error); then the device, machine and versions."""
+    row = {"method": m, "K": k, "repeat": r, "fold": f, "support": support}
+    try:
+        row.update(measure())
+    except CommandFailed as e:
+        row["failed"] = e.reason
+    row.update({"device": device, "machine": machine(), "versions": versions()})
+    return row
+
+
+def others_and_earlier(folder: OutputFolder, todo_keys: list) -> tuple:
+    """(the finished runs of the folder that `todo_keys` does not ask for, another K say; the latest
+    row of each asked run, or None)."""
+    latest = recorded_runs(folder)
+    asked = set(todo_keys)
+    others = [row for key, row in latest.items() if key not in asked and "failed" not in row]
+    return others, [latest.get(key) for key in todo_keys]
+
+
 def run_pending(folder: OutputFolder, todo: list, splits: list, device: str, one_run) -> list:
-    """Runs each of `todo` ((method, K, repeat, fold) each) that runs.jsonl has no finished row of:
-    `one_run(method, K, repeat, fold)` gives its measurements, or raises CommandFailed, which is
-    recorded as a failed run (with the last line of its error as the reason) before the next run
-    starts; one failed earlier is retried. Returns the latest row of every run in `todo`, after the
-    finished runs of the folder that `todo` does not ask for (another K, say)."""
-    done_path = os.path.join(folder.path, "runs.jsonl")
-    latest = {}  # appended rows: a retried run's row comes after its failed one
-    if os.path.isfile(done_path):
-        for line in open(done_path):
-            row = json.loads(line)
-            latest[(row["method"], row["K"], row["repeat"], tuple(row["support"]))] = row
-    asked = {(m, k, r, tuple(splits[f]["train"])) for m, k, r, f in todo}
-    runs = [row for key, row in latest.items() if key not in asked and "failed" not in row]
-    for i, (m, k, r, f) in enumerate(todo):
-        support = splits[f]["train"]
-        earlier = latest.get((m, k, r, tuple(support)))
+    """Runs each of `todo` ((method, K, repeat, fold) each) that runs.jsonl has no finished row of, one
+    after another in this process: `one_run(method, K, repeat, fold)` gives its measurements, or
+    raises CommandFailed, which is recorded as a failed run (with the last line of its error as the
+    reason) before the next run starts; one failed earlier is retried. Returns the latest row of
+    every run in `todo`, after the finished runs of the folder that `todo` does not ask for."""
+    runs, earlier_rows = others_and_earlier(folder, [(m, k, r, tuple(splits[f]["train"])) for m, k, r, f in todo])
+    for i, ((m, k, r, f), earlier) in enumerate(zip(todo, earlier_rows)):
         step = f"[{i + 1}/{len(todo)}] {m} K={k} repeat {r}"
         if earlier is not None and "failed" not in earlier:
             print(f"{step}: done earlier, skipped", flush=True)
@@ -184,17 +270,36 @@ def run_pending(folder: OutputFolder, todo: list, splits: list, device: str, one
             continue
         retry = f", failed earlier ({earlier['failed']}): retried" if earlier is not None else ""
         print(f"{step} (fold {f}){retry}", flush=True)
-        row = {"method": m, "K": k, "repeat": r, "fold": f, "support": support}
-        try:
-            row.update(one_run(m, k, r, f))
-        except CommandFailed as e:
-            row["failed"] = e.reason
+        row = measured_row(m, k, r, f, splits[f]["train"], device, lambda: one_run(m, k, r, f))
+        if "failed" in row:
             print(f"{step} failed: {row['failed']}", flush=True)
-        row.update({"device": device, "machine": machine(), "versions": versions()})
-        with open(done_path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        record_run(folder, row)
         runs.append(row)
     return runs
+
+
+def train_and_score(spec: dict) -> dict:
+    """Trains, predicts and scores one run (`spec`: what `_run_all` gives it, plain data), writing only
+    the run's own folders: its fold of the trainer's nnU-Net folder and its predictions. Returns its
+    measurements; a failed command raises CommandFailed."""
+    fold_dir, log = spec["fold_dir"], spec["log"]
+    if os.path.isdir(fold_dir):  # not a finished run of ours: keep it rather than overwrite it
+        os.rename(fold_dir, backup_name(fold_dir))
+    name, configuration, fold, trainer, device = (spec["dataset"], spec["configuration"], str(spec["fold"]),
+                                                  spec["trainer"], spec["device"])
+    t0 = time.time()
+    peak_host = run(["nnUNetv2_train", name, configuration, fold, "-p", PLANS_NAME, "-tr", trainer,
+                     "-device", device], log=log, env=spec["env"]).peak_host_mib
+    wall = time.time() - t0
+    train_log = open(sorted(_glob(fold_dir, "training_log_"))[-1]).read()
+    pred = spec["predictions"]
+    run(["nnUNetv2_predict", "-i", spec["held_out"], "-o", pred, "-d", name, "-c", configuration, "-f", fold,
+         "-p", PLANS_NAME, "-tr", trainer, "-device", device, "--disable_tta"], log=log, env=spec["env"])
+    per_label, per_case = evaluate(os.path.join(spec["raw"], "labelsTr"), pred, spec["plans"], spec["dataset_json"])
+    cost = spec["cost"]
+    return {"wall_s": round(wall, 1), "peak_gpu_mib": _peak_gpu(train_log), "peak_host_mib": round(peak_host, 1),
+            "trainable": cost.get("trainable"), "total": cost.get("total"), "adapter_bytes": cost.get("file_bytes"),
+            "per_label": per_label, "per_case": per_case}
 
 
 def _glob(folder, prefix):
@@ -266,10 +371,12 @@ def scores(summary: dict, labels: dict, file_ending: str):
     return per_label, per_case
 
 
-def zero_shot_scores(folder: OutputFolder, name: str, plans: dict, dataset_json: dict, device: str) -> Optional[dict]:
+def zero_shot_scores(folder: OutputFolder, name: str, plans: dict, dataset_json: dict, device: str,
+                     compute: bool = True) -> Optional[dict]:
     """The foundation alone on the same held-out cases, for the labels it knows (zero_shot.json);
-    None, and no zero-shot row, when it knows none of them. Any other error is raised, and nothing
-    is written: the next benchmark run computes it again."""
+    None, and no zero-shot row, when it knows none of them (or, not `compute`, when zero_shot.json
+    is not there). Any other error is raised, and nothing is written: the next benchmark run
+    computes it again."""
     from nnunet_fseft.datasets.dataset_json import read_json
     from nnunet_fseft.foundation.record import recorded_foundation
     from nnunet_fseft.foundation.labels import match_outputs, mixed_outputs
@@ -289,6 +396,8 @@ def zero_shot_scores(folder: OutputFolder, name: str, plans: dict, dataset_json:
         dice = read_json(path, "remove it, and the benchmark computes it again")
         if isinstance(dice, dict):  # (older versions wrote null after any error)
             return dice
+    if not compute:
+        return None
     with quiet(folder.log):
         dice, _ = zeroshot(name, PLANS_NAME, 0, os.path.join(folder.path, "predictions", "zero_shot"), device, False)
     if device == "cuda":  # it runs before the trainings now: leave them the GPU memory it cached
