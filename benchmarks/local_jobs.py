@@ -62,7 +62,8 @@ def main():
              f"K = {args.k}, {args.repeats} repeat(s), {args.test} held-out scans, schedule {args.schedule[0]} "
              f"epochs x {args.schedule[1]} iterations. The foundation is adopted once before both; each grid's "
              f"wall time counts its own zero-shot prediction (once, before its runs).", "",
-             "| mode | runs (failed) | wall s | / in-process | " + " | ".join(measured[0][4]) + " |",
+             "| mode | runs (failed) | wall s | / in-process | " + " | ".join(
+                 f"{key.replace('|', ' ')} Dice" for key in measured[0][4]) + " |",
              "|---|---|---|---|" + "---|" * len(measured[0][4])]
     for mode, wall, runs, failed, dice in measured:
         cells = " | ".join(f"{dice.get(key, float('nan')):.3f}" for key in measured[0][4])

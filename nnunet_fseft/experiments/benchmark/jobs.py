@@ -348,10 +348,6 @@ class _Jobs:
         failed = 0
         try:
             while queue or jobs or watched:
-                while queue and len(jobs) + len(watched) < self.executor.jobs:
-                    i = self._next(queue, jobs)
-                    queue.remove(i)
-                    jobs.update(self._submit([i]))
                 for i in [i for i, job in jobs.items() if job.done()]:
                     row = self._row_of(i, jobs.pop(i))
                     self.slot.pop(i, None)
@@ -370,6 +366,10 @@ class _Jobs:
                         record_run(self.folder, row)
                     failed += "failed" in row
                     self.rows[i] = row
+                while queue and len(jobs) + len(watched) < self.executor.jobs:  # the freed places
+                    i = self._next(queue, jobs)
+                    queue.remove(i)
+                    jobs.update(self._submit([i]))
                 progress.show(len(self.rows) - failed, len(jobs) + len(watched), failed, len(queue))
                 if queue or jobs or watched:
                     time.sleep(self.poll_s)
