@@ -1,7 +1,8 @@
 """Cost of each method against full fine-tuning, side by side in one run.
 
 Builds nnU-Net's default 3d_fullres network (PlainConvUNet, 6 stages, 32..320 features, as
-nnU-Net plans it for a 128^3 CT patch; `--arch resenc` for a ResEnc-M-like one), adapts it
+nnU-Net plans it for a 128^3 CT patch; `--arch resenc` for a ResEnc-M-like one, `--arch mednext-s|mednext-b|
+swin-unetr` for MONAI's networks at their published sizes), adapts it
 with each trainer's own `adapt()`, and reports per method: trainable parameters, adapter-file
 size (what `nnunet-fseft export` writes) against the full weights, and the time and peak memory
 of training steps with nnU-Net's deep-supervised Dice + CE loss and AdamW. Black-box methods
@@ -14,9 +15,16 @@ inference time of a merged LoRA model against the foundation's.
     python benchmarks/step_cost.py                        # GPU if there is one, else CPU
     python benchmarks/step_cost.py --device cpu --patch 64 --steps 3
     python benchmarks/step_cost.py --methods FullFT LoRA BitFit
+    python benchmarks/step_cost.py --device cpu --arch mednext-s --methods FullFT LoRA ConvAdapter
+
+On CPU each method runs in a forked process and its memory is the resident set it adds (no allocator
+statistics there); on GPU, torch's peak allocation.
 """
 import argparse
+import multiprocessing
+import os
 import platform
+import resource
 import time
 
 import torch
@@ -25,6 +33,7 @@ from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
+from nnunet_fseft.errors import InputError
 from nnunet_fseft.network.black_box import build_black_box
 from nnunet_fseft.network.parameters import count_parameters
 from nnunet_fseft.sharing.adapter_file import safetensors_bytes, trained_tensors
@@ -47,7 +56,22 @@ DEFAULT_3D_FULLRES = {
 
 RESENC_M = {**{k: v for k, v in DEFAULT_3D_FULLRES.items() if k != "n_conv_per_stage"},
             "n_blocks_per_stage": [1, 3, 4, 6, 6, 6]}
-ARCHITECTURES = {"plain": ("PlainConvUNet", DEFAULT_3D_FULLRES), "resenc": ("ResidualEncoderUNet", RESENC_M)}
+ARCHITECTURES = {"plain": ("PlainConvUNet", DEFAULT_3D_FULLRES), "resenc": ("ResidualEncoderUNet", RESENC_M),
+                 # MONAI's, at their published sizes, as `nnunet-fseft plans --arch` writes them
+                 "mednext-s": None, "mednext-b": None, "swin-unetr": None}
+
+
+def network_from_plans(arch: str, deep_supervision: bool):
+    if ARCHITECTURES[arch] is None:
+        from nnunet_fseft.plans.presets import ARCHITECTURES as MONAI_NETS
+        spec = MONAI_NETS[arch]()
+        strides = [[1, 1, 1]] + [[2, 2, 2]] * spec["levels"]
+        return get_network_from_plans(spec["network"], dict(spec["kwargs"], strides=strides, n_stages=len(strides)),
+                                      [], 1, NUM_CLASSES, deep_supervision=deep_supervision)
+    name, kwargs = ARCHITECTURES[arch]
+    return get_network_from_plans(f"dynamic_network_architectures.architectures.unet.{name}", dict(kwargs),
+                                  ["conv_op", "norm_op", "dropout_op", "nonlin"], 1, NUM_CLASSES,
+                                  deep_supervision=deep_supervision)
 
 
 def is_black_box(method_cls) -> bool:
@@ -55,10 +79,7 @@ def is_black_box(method_cls) -> bool:
 
 
 def build(method_cls, args, device, deep_supervision=True):
-    name, kwargs = ARCHITECTURES[args.arch]
-    net = get_network_from_plans(f"dynamic_network_architectures.architectures.unet.{name}", dict(kwargs),
-                                 ["conv_op", "norm_op", "dropout_op", "nonlin"], 1, NUM_CLASSES,
-                                 deep_supervision=deep_supervision)
+    net = network_from_plans(args.arch, deep_supervision)
     if is_black_box(method_cls):
         net = build_black_box(net, method_cls.adapter, NUM_CLASSES)
         net.takes_features = method_cls.features == "cached"
@@ -86,6 +107,7 @@ def nnunet_loss(deep_supervision=True):
 
 
 def measure(method_cls, args, device):
+    rss_at_start = _rss_gib() if device.type == "cpu" else 0.0
     torch.manual_seed(0)
     net = build(method_cls, args, device).train()
     size = file_bytes(net)
@@ -120,10 +142,35 @@ def measure(method_cls, args, device):
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - t) / args.steps
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else _peak_rss_gib() - rss_at_start
     trainable, total = count_parameters(net)
     del net, opt
     return seconds, peak, trainable, total, size
+
+
+def _rss_gib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+
+
+def measure_apart(method_cls, args, device):
+    """On CPU each method runs in its own forked process, so that its peak memory (resident set above the
+    process's at the fork) is its own; None where the method refuses the architecture."""
+    if device.type == "cuda":
+        return _or_refused(method_cls, args, device)
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        return pool.apply(_or_refused, (method_cls, args, device))
+
+
+def _or_refused(method_cls, args, device):
+    try:
+        return measure(method_cls, args, device)
+    except InputError as e:
+        return str(e)
 
 
 def inference_ms(net, args, device) -> float:
@@ -182,14 +229,19 @@ def main():
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         p.error(f"unknown method(s) {unknown}; known: {' '.join(METHODS)}")
-    rows = {name: measure(METHODS[name], args, device) for name in names}
+    rows = {name: measure_apart(METHODS[name], args, device) for name in names}
     base_t, base_m, base_f = rows["FullFT"][0], rows["FullFT"][1], rows["FullFT"][4]
+    memory = "peak GiB" if gpu else "+RSS GiB"  # CPU: resident set above the process's before the method
     print(f"{'method':<22} {'trainable':>11} {'%':>6} {'file MB':>8} {'% full':>7} {'step ms':>9} {'x FullFT':>9} "
-          f"{'peak GiB':>9} {'x FullFT':>9}")
-    for name, (sec, peak, trainable, total, size) in rows.items():
+          f"{memory:>9} {'x FullFT':>9}")
+    for name, row in rows.items():
+        if isinstance(row, str):
+            print(f"{name:<22} {'n/a':>11}  {row}")
+            continue
+        sec, peak, trainable, total, size = row
         print(f"{name:<22} {trainable:>11,} {100 * trainable / total:>6.2f} {size / 2 ** 20:>8.2f} "
               f"{100 * size / base_f:>7.2f} {1000 * sec:>9.1f} {sec / base_t:>9.2f} "
-              f"{peak:>9.2f} {peak / base_m if gpu else float('nan'):>9.2f}")
+              f"{peak:>9.2f} {peak / base_m:>9.2f}")
     inf = merged_inference(args, device)
     print(f"# inference, one {args.patch}^3 patch: " + ", ".join(
         f"{k} {v:.1f} ms ({v / inf['foundation']:.3f}x)" for k, v in inf.items()))

@@ -119,6 +119,13 @@ def cmd_params(args):
               f"{_size(r['file_bytes']):>10} {100 * r['file_bytes'] / r['full_bytes']:>8.2f}%")
 
 
+def cmd_plans(args):
+    from nnunet_fseft.plans.presets import apply_preset
+    name = apply_preset(args.d, args.preset, args.plans_name, args.c, args.arch)
+    print(f"wrote plans {name}; train the foundation with: nnUNetv2_train {args.d} {args.c} all "
+          f"-tr nnUNetTrainerFSEFT_Pretrain -p {name}")
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
@@ -220,6 +227,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--copy", action="store_true", help="copy the images (default: symbolic links)")
     _processes_arg(s, "remapping label files")
     s.set_defaults(func=cmd_combine)
+
+    s = sub.add_parser("plans", help="plans beside a dataset's nnU-Net plans, same preprocessing: another "
+                       "network (MedNeXt, Swin-UNETR) and/or a narrow CPU preset")
+    s.add_argument("-d", required=True, help="dataset id or name (planned with nnUNetv2_plan_and_preprocess)")
+    s.add_argument("-p", "--plans-name", dest="plans_name", default="nnUNetPlans",
+                   help="the source plans (default nnUNetPlans)")
+    s.add_argument("-c", default="3d_fullres", help="configuration whose patch size a configuration without its own "
+                   "takes (default 3d_fullres)")
+    s.add_argument("--arch", default=None, choices=["mednext-s", "mednext-b", "mednext-m", "mednext-l", "swin-unetr"],
+                   help="the network (MONAI's; pip install \"nnunet-fseft[monai]\"); the patch size is rounded to "
+                        "what it divides (MedNeXt: 16, Swin-UNETR: 32)")
+    s.add_argument("--preset", default=None, help="cpu_tiny or cpu_small: a narrow network for CPU tests and demos")
+    s.set_defaults(func=cmd_plans)
 
     s = sub.add_parser("params", help="trainable and total parameters and adapter-file size of each method")
     s.add_argument("-d", required=True, help="dataset id or name (preprocessed)")

@@ -5,7 +5,9 @@ Methods and the freezing rule ask this module instead of knowing each architectu
   stages, a `UNetDecoder` whose `seg_layers` are the head(s);
 - `Primus` (nnU-Net's transformer): patch embedding, EVA blocks, and a `PatchDecode` that sizes
   every one of its layers from the number of classes, so the whole of it is the head: new for
-  each target, and trained by every method.
+  each target, and trained by every method;
+- MONAI's MedNeXt and Swin-UNETR as `nnunet_fseft.network.nets` arranges them: MedNeXt is a conv U-Net
+  (its stages hold MedNeXt blocks); Swin-UNETR a transformer encoder with a conv U-Net decoder.
 """
 from dataclasses import dataclass
 from typing import List, Set, Tuple
@@ -14,20 +16,23 @@ from torch import nn
 
 from nnunet_fseft.errors import InputError
 
+MEDNEXT_BLOCKS = ("MedNeXtBlock", "MedNeXtDownBlock", "MedNeXtUpBlock")  # MONAI's (told by name: monai is an extra)
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 @dataclass
 class Anatomy:
     architecture: str            # class name of the network, for messages
-    transformer: bool            # True for Primus: encoder blocks are token MLPs, not conv stages
+    transformer: bool            # True for Primus and Swin-UNETR: the encoder is attention blocks, not conv stages
+    decoder_is_head: bool        # True for Primus: its decoder is sized by the classes, new for every target
     head: List[str]              # module names of the segmentation head(s): what depends on the classes
     encoder: List[str]           # module-name prefixes of the encoder: where FSEFT puts PEFT
     decoder: List[str]           # module-name prefixes of the decoder, head included
     last_stage: List[str]        # module names of the last decoder stage, head excluded
     encoder_stages: List[str]    # conv stages of the encoder, in forward order ([] for Primus)
     decoder_stages: List[str]    # conv stages of the decoder, in forward order ([] for Primus)
-    blocks: List[str]            # the blocks AdaptFormer sits beside (conv blocks, or Primus MLPs)
+    blocks: List[str]            # the blocks AdaptFormer sits beside (conv blocks, or a transformer's MLPs)
+    attention: List[str] = ()    # a transformer's linear layers that LoRA adapts
 
 
 def within(name: str, prefixes) -> bool:
@@ -41,7 +46,7 @@ def anatomy(network: nn.Module) -> Anatomy:
         n = len(decoder.stages)
         encoder_stages = [_inside_sequential(network, f"encoder.stages.{i}") for i in range(len(network.encoder.stages))]
         decoder_stages = [_inside_sequential(network, f"decoder.stages.{i}") for i in range(n)]
-        return Anatomy(kind, False,
+        return Anatomy(kind, False, False,
                        head=[f"decoder.seg_layers.{i}" for i in range(len(decoder.seg_layers))],
                        encoder=["encoder"],
                        decoder=["decoder.stages", "decoder.transpconvs", "decoder.seg_layers"],
@@ -49,12 +54,26 @@ def anatomy(network: nn.Module) -> Anatomy:
                        encoder_stages=encoder_stages, decoder_stages=decoder_stages,
                        blocks=_conv_blocks(network, ["encoder"] + decoder_stages))
     if hasattr(network, "eva") and hasattr(network, "up_projection"):
-        return Anatomy(kind, True, head=["up_projection"], encoder=["down_projection", "eva"],
+        return Anatomy(kind, True, True, head=["up_projection"], encoder=["down_projection", "eva"],
                        decoder=["up_projection"], last_stage=[],
                        encoder_stages=[], decoder_stages=[],
-                       blocks=[f"eva.blocks.{i}.mlp" for i in range(len(network.eva.blocks))])
+                       blocks=[f"eva.blocks.{i}.mlp" for i in range(len(network.eva.blocks))],
+                       attention=[n for n, m in network.named_modules()
+                                  if type(m) is nn.Linear and within(n, ["eva.blocks"])])
+    if hasattr(getattr(network, "encoder", None), "swinViT") and hasattr(decoder, "seg_layers"):
+        # FSEFT's LoRA goes on the attention projections; AdaptFormer beside each Swin block's MLP
+        modules = list(network.named_modules())
+        return Anatomy(kind, True, False,
+                       head=[f"decoder.seg_layers.{i}" for i in range(len(decoder.seg_layers))],
+                       encoder=["encoder"], decoder=["decoder"],
+                       last_stage=[f"decoder.stages.{len(decoder.stages) - 1}", "decoder.skips.0"],
+                       encoder_stages=[], decoder_stages=[],
+                       blocks=[n for n, m in modules if type(m).__name__ == "MLPBlock" and within(n, ["encoder"])],
+                       attention=[n for n, m in modules if type(m) is nn.Linear and within(n, ["encoder"])
+                                  and n.rsplit(".", 1)[-1] in ("qkv", "proj")])
     raise InputError(f"nnunet-fseft does not know the {kind} architecture; it supports PlainConvUNet, "
-                     f"ResidualEncoderUNet and Primus as nnU-Net builds them from plans.")
+                     f"ResidualEncoderUNet and Primus as nnU-Net builds them from plans, and MedNeXt and "
+                     f"Swin-UNETR from `nnunet-fseft plans --arch`.")
 
 
 def cancelled_biases(network: nn.Module) -> Set[str]:
@@ -69,6 +88,10 @@ def cancelled_biases(network: nn.Module) -> Set[str]:
         if (isinstance(m, ConvDropoutNormReLU) and len(ops) > 1 and ops[0] is m.conv
                 and isinstance(ops[1], mean_free) and m.conv.bias is not None):
             cancelled.add(f"{name}.conv.bias")
+        norm = getattr(m, "norm", None)  # a MedNeXt block: conv1 -> GroupNorm with one group per channel
+        if (type(m).__name__.startswith("MedNeXt") and isinstance(norm, nn.GroupNorm)
+                and norm.num_groups == norm.num_channels and m.conv1.bias is not None):
+            cancelled.add(f"{name}.conv1.bias")
     return cancelled
 
 
@@ -91,13 +114,14 @@ def _inside_sequential(network: nn.Module, name: str) -> str:
 
 
 def _conv_blocks(network: nn.Module, prefixes: List[str]) -> List[str]:
-    """The outermost conv blocks (ConvDropoutNormReLU, BasicBlockD, BottleneckD) under `prefixes`;
-    a residual block's own convs and skip projection belong to it."""
+    """The outermost conv blocks (ConvDropoutNormReLU, BasicBlockD, BottleneckD, MedNeXt's blocks) under
+    `prefixes`; a residual block's own convs and skip projection belong to it."""
     from dynamic_network_architectures.building_blocks.residual import BasicBlockD, BottleneckD
     from dynamic_network_architectures.building_blocks.simple_conv_blocks import ConvDropoutNormReLU
     blocks = []
     for name, m in network.named_modules():
-        if (isinstance(m, (ConvDropoutNormReLU, BasicBlockD, BottleneckD)) and within(name, prefixes)
+        is_block = isinstance(m, (ConvDropoutNormReLU, BasicBlockD, BottleneckD)) or type(m).__name__ in MEDNEXT_BLOCKS
+        if (is_block and within(name, prefixes)
                 and not within(name, blocks)):
             blocks.append(name)
     return blocks
@@ -106,9 +130,11 @@ def _conv_blocks(network: nn.Module, prefixes: List[str]) -> List[str]:
 def conv_geometry(module: nn.Module) -> Tuple[type, int, int, Tuple[int, ...]]:
     """(conv type, input channels, output channels, total stride) of a conv block or stage.
 
-    Its convs in forward order, residual skip projections left out (they run beside the main path)."""
+    Its convs in forward order, residual skip projections (ResEnc's `skip`, MedNeXt's `res_conv`) left out:
+    they run beside the main path."""
     convs = [m for name, m in module.named_modules()
-             if isinstance(m, CONV_TYPES) and ".skip" not in f".{name}" and "fseft_" not in name]
+             if isinstance(m, CONV_TYPES) and ".skip" not in f".{name}" and ".res_conv" not in f".{name}"
+             and "fseft_" not in name]
     if not convs:
         raise InputError(f"{type(module).__name__} holds no convolution for a conv adapter to fit; use a method that "
                          f"does not need one here, such as LoRA or BitFit.")

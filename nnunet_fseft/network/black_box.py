@@ -26,7 +26,7 @@ class FrozenFoundation:
 
     def __init__(self, network: nn.Module, sha256: str = ""):
         a = anatomy(network)
-        if a.transformer:
+        if a.decoder_is_head:
             raise InputError(f"Black-box methods read the last decoder features of a conv U-Net; the "
                              f"{a.architecture} decoder is its head (rebuilt for every target), so use a PEFT method "
                              f"(e.g. nnUNetTrainerFSEFT_LoRA) on this foundation instead.")

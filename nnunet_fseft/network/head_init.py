@@ -281,11 +281,11 @@ def start_head(network: nn.Module, heads: Sequence[nn.Module], foundation_heads:
 def pretrained_head(network: nn.Module, checkpoint: dict) -> Tuple[list, Optional[dict]]:
     """The head tensors, as (weight, bias) per head of `network`, of an nnU-Net checkpoint given to
     -pretrained_weights, and the labels of its dataset.json; ([], labels) where it records no labels or
-    no head of this network (or the network is a transformer, whose decoder is new for every target)."""
+    no head of this network (or the network is Primus, whose decoder is new for every target)."""
     labels = (checkpoint.get("init_args") or {}).get("dataset_json", {}).get("labels")
     a = anatomy(network)
     weights = checkpoint["network_weights"]
-    if not labels or a.transformer or any(f"{h}.weight" not in weights for h in a.head):
+    if not labels or a.decoder_is_head or any(f"{h}.weight" not in weights for h in a.head):
         return [], labels
     return [(weights[f"{h}.weight"], weights.get(f"{h}.bias")) for h in a.head], labels
 

@@ -117,7 +117,7 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
         network = plain.build_network_architecture(
             plans_manager, configuration_manager, num_input_channels,
             width(groups) if groups else num_output_channels, enable_deep_supervision)
-        if groups and anatomy(network).transformer:  # Primus: its decoder is the head, new for every target
+        if groups and anatomy(network).decoder_is_head:  # Primus: its decoder is the head, new for every target
             network = plain.build_network_architecture(
                 plans_manager, configuration_manager, num_input_channels, num_output_channels,
                 enable_deep_supervision)
@@ -164,7 +164,7 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
         (weight, bias) per new head, or [] where the new head cannot start from them."""
         weights = load_foundation(network, self.foundation)
         a = anatomy(network)
-        if a.transformer:  # Primus's decoder is sized by the number of classes: nothing to copy
+        if a.decoder_is_head:  # Primus's decoder is sized by the number of classes: nothing to copy
             return []
         return [(weights[f"{h}.weight"], weights.get(f"{h}.bias")) for h in a.head]
 

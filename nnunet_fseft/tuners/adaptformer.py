@@ -1,7 +1,7 @@
 """AdaptFormer: a scaled bottleneck beside each block, its up-projection zero-initialised.
 
-block(x) + scale * up(relu(down(x))). On a transformer (Primus) it sits beside each block's
-MLP and is made of linear layers; on a conv U-Net it sits beside each conv block (a
+block(x) + scale * up(relu(down(x))). On a transformer (Primus, Swin-UNETR) it sits beside each
+block's MLP and is made of linear layers; on a conv U-Net it sits beside each conv block (a
 conv-norm-nonlinearity unit, or a residual block of ResEnc) and is made of 1x1x1 convs, the
 down-projection taking the block's stride so that both paths meet at the same resolution.
 On Primus the branch joins the MLP's output, so EVA's layer scale (gamma, 0.1 in nnU-Net's Primus
@@ -28,7 +28,7 @@ def sites(network: nn.Module, a) -> list:
 def bottleneck(site: Site, *, bottleneck_width: int, scale: float) -> dict:
     block = site.module
     if site.anatomy.transformer:
-        width = block.fc2.out_features
+        width = [m for m in block.modules() if isinstance(m, nn.Linear)][-1].out_features  # the MLP's output
         down, up = nn.Linear(width, bottleneck_width), nn.Linear(bottleneck_width, width)
     else:
         conv, cin, cout, stride = conv_geometry(block)

@@ -46,11 +46,12 @@ LoRAConv3d, LoRAConv2d, LoRAConvTranspose3d, LoRAConvTranspose2d, LoRALinear = (
 
 
 def sites(network: nn.Module, a) -> list:
-    """Every conv of a conv U-Net's encoder; on Primus, the attention and MLP linear layers of its
-    transformer blocks. The encoder, as in FSEFT: the decoder is frozen, or tuned whole by the
-    `_DecoderFT` variants, which then need no low-rank factors there."""
+    """Every conv of a conv U-Net's encoder (MedNeXt's depthwise ones included); on a transformer, the
+    linear layers its anatomy names (Primus: attention and MLP; Swin-UNETR: attention qkv and proj, as FSEFT).
+    The encoder, as in FSEFT: the decoder is frozen, or tuned whole by the `_DecoderFT` variants, which then
+    need no low-rank factors there."""
     if a.transformer:
-        return [n for n, m in network.named_modules() if type(m) is nn.Linear and within(n, ["eva.blocks"])]
+        return list(a.attention)
     return [n for n, m in network.named_modules() if type(m) in TARGETS and within(n, a.encoder)]
 
 
