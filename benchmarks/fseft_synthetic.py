@@ -16,6 +16,7 @@ combined report (--report, figures copied beside it).
     python benchmarks/fseft_synthetic.py --workdir /tmp/fseft_bench --device cuda
     python benchmarks/fseft_synthetic.py --workdir /tmp/fb --k 1 --repeats 3 --methods LoRA FullFT \\
         --report /tmp/fb/report.md
+    python benchmarks/fseft_synthetic.py --workdir /tmp/fm --arch mednext-s --methods Start ConvAdapter FullFT
     (--schedule EPOCHS ITERS fixes every run's length instead of the trainers' own schedule)
 """
 import argparse
@@ -24,6 +25,7 @@ import platform
 import shutil
 
 from nnunet_fseft.experiments.demo import BASE_ORGANS, Demo, NOVEL_ORGAN, SHAPE
+from nnunet_fseft.plans.presets import ARCHITECTURES
 
 TASKS = ("base", "novel")
 
@@ -44,6 +46,8 @@ def parser(description=__doc__, tasks=TASKS, methods=None, ks=(1, 5, 10)) -> arg
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--foundation", help="an nnU-Net model folder to use instead of training one")
+    ap.add_argument("--arch", choices=list(ARCHITECTURES),
+                    help="the trained foundation's network (default nnU-Net's own), at the preset's size")
     ap.add_argument("--tasks", nargs="+", default=list(tasks), choices=list(TASKS))
     ap.add_argument("--organ", default="spleen", choices=BASE_ORGANS, help="organ of the base task")
     ap.add_argument("-k", "--k", dest="k", type=int, nargs="+", default=list(ks),
@@ -69,7 +73,7 @@ def main(args=None):
 
     args = args or parser().parse_args()
     d = Demo(args.workdir, args.device)
-    model = args.foundation or d.train_foundation(610, "BenchFoundation")[0]
+    model = args.foundation or d.train_foundation(610, "BenchFoundation", args.arch)[0]
     if args.schedule:
         os.environ.update({"nnUNet_fseft_epochs": str(args.schedule[0]),
                            "nnUNet_fseft_iters_per_epoch": str(args.schedule[1])})

@@ -11,6 +11,9 @@ EPOCHS = "nnUNet_fseft_epochs"  # a trainer's number of epochs
 ITERATIONS = "nnUNet_fseft_iters_per_epoch"  # and of iterations per epoch
 GPU_DATA = "nnUNet_fseft_gpu_data"  # 1 / 0: the support set on the training device, or nnU-Net's CPU path
 QUERY = "nnUNet_fseft_query"  # folder of unlabelled query images for transductive inference
+# 0: the methods' trainers (not the foundation trainers) skip nnU-Net's validation after training (`nnunet-fseft benchmark` predicts and scores
+# the same held-out scans itself, with nnUNetv2_predict)
+FINAL_VALIDATION = "nnUNet_fseft_final_validation"
 # CPU threads of one training: nnU-Net gives a CPU training every core, so trainings side by side
 # on one machine (a benchmark's local jobs) would fight over them
 THREADS = "nnUNet_fseft_threads"
@@ -45,16 +48,26 @@ def schedule_overrides() -> dict:
     return {"epochs": os.environ.get(EPOCHS) or None, "iterations_per_epoch": os.environ.get(ITERATIONS) or None}
 
 
-def gpu_data_enabled(default: bool) -> bool:
-    """The trainer's `gpu_data` attribute, unless nnUNet_fseft_gpu_data says otherwise."""
-    value = os.environ.get(GPU_DATA)
+def switch(name: str, default: bool) -> bool:
+    """The on / off variable `name` (1 or 0, or true / false ...), or `default` where it is unset."""
+    value = os.environ.get(name)
     if value is None:
         return default
     if value.strip().lower() in ("1", "t", "true", "yes", "on"):
         return True
     if value.strip().lower() in ("0", "f", "false", "no", "off", ""):
         return False
-    raise InputError(f"{GPU_DATA} must be 1 or 0, got '{value}'; fix or unset it.")
+    raise InputError(f"{name} must be 1 or 0, got '{value}'; fix or unset it.")
+
+
+def gpu_data_enabled(default: bool) -> bool:
+    """The trainer's `gpu_data` attribute, unless nnUNet_fseft_gpu_data says otherwise."""
+    return switch(GPU_DATA, default)
+
+
+def final_validation_enabled() -> bool:
+    """nnU-Net's validation after training runs, unless nnUNet_fseft_final_validation is 0."""
+    return switch(FINAL_VALIDATION, True)
 
 
 def query_folder() -> Optional[str]:

@@ -19,6 +19,9 @@ FOUNDATION_TO_BASE_TARGET = {0: 0, 1: 2, 2: 1, 3: 4, 4: 3}  # foundation label -
 COMMAND_ENV = {"nnUNet_n_proc_DA": "0"}
 # Small CPU trainings
 TRAIN_ENV = {**COMMAND_ENV, "nnUNet_fseft_epochs": "2", "nnUNet_fseft_iters_per_epoch": "3"}
+# For tests that segment with nnUNetv2_predict themselves and never read a fold's validation: nnU-Net's
+# validation after training costs about 10 s a training on 2 cores (its spawned export and scoring workers)
+TRAIN_ENV_NO_VALIDATION = {**TRAIN_ENV, "nnUNet_fseft_final_validation": "0"}
 # nnUNetv2_predict on two 32^3 scans: no mirroring, and one worker each for preprocessing and export
 # (nnU-Net's 3 + 3 spawned workers each import torch and nnU-Net: 5 s of a 15 s prediction on 2 cores)
 PREDICT_ON_CPU = ["-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"]

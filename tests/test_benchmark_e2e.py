@@ -47,6 +47,8 @@ def test_benchmark_writes_every_file_and_resumes(in_process, workspace, tmp_path
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
     # the transductive run adapted on the held-out scans it was scored on (the dataset has no imagesTs)
     assert "Caching the features of 2 query volumes" in (out / "log.txt").read_text()
+    # nnU-Net's validation after training is skipped: nnUNetv2_predict segments the same scans
+    assert (out / "log.txt").read_text().count("validation after training skipped") == 2
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [r["method"] for r in rows] == ["LinearProbeTI", "BitFit"] and all(r["label"] == "spleen" for r in rows)
     assert list(rows[0]) == COLUMNS

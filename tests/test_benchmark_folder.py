@@ -253,6 +253,7 @@ def test_transductive_runs_adapt_on_exactly_the_held_out_scans(nnunet_folders, m
 
     env = run_env(METHODS["nnUNetTrainerFSEFT_SpatialAdapterTI"], "cpu", held_out)
     assert env[QUERY] == os.path.abspath(held_out) and env["nnUNet_n_proc_DA"] == "0"
+    assert env["nnUNet_fseft_final_validation"] == "0"  # nnUNetv2_predict segments the held-out scans next
     assert QUERY not in run_env(METHODS["nnUNetTrainerFSEFT_SpatialAdapter"], "cpu", held_out)
     # what the transductive trainer reads (its on_train_start): the held-out scans, not imagesTs
     monkeypatch.setenv(QUERY, env[QUERY])

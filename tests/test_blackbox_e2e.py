@@ -6,7 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from helpers import BASE_TARGET_LABELS, FOUNDATION_TO_BASE_TARGET, PREDICT_ON_CPU, TRAIN_ENV, images, run, segmentations
+from helpers import (BASE_TARGET_LABELS, FOUNDATION_TO_BASE_TARGET, PREDICT_ON_CPU, TRAIN_ENV_NO_VALIDATION, images, run,
+                     segmentations)
 from nnunet_fseft.foundation.record import read_checkpoint, sha256
 from nnunet_fseft.plans import PLANS_NAME
 
@@ -17,7 +18,7 @@ def model_folder(workspace, dataset, trainer):
 
 def train(dataset, trainer, env=None, check=True):
     return run(["nnUNetv2_train", dataset, "3d_fullres", "0", "-p", PLANS_NAME, "-tr", trainer, "-device", "cpu"],
-               env={**TRAIN_ENV, **(env or {})}, check=check)
+               env={**TRAIN_ENV_NO_VALIDATION, **(env or {})}, check=check)
 
 
 def predict(dataset, trainer, images_folder, out):
@@ -97,7 +98,7 @@ def test_online_features_train_through_nnunet(workspace, base_target, foundation
     assert "features: online" in log and "Caching" not in log
     fold = model_folder(workspace, "Dataset503_SynthBase", trainer) / "fold_0"
     ckpt = read_checkpoint(str(fold / "checkpoint_final.pth"))
-    assert ckpt["current_epoch"] == int(TRAIN_ENV["nnUNet_fseft_epochs"])
+    assert ckpt["current_epoch"] == int(TRAIN_ENV_NO_VALIDATION["nnUNet_fseft_epochs"])
     assert all(np.isfinite(ckpt["logging"]["train_losses"]))
     saved = ckpt["network_weights"]
     assert {k for k in saved if not k.startswith("adapter.")} == {"_extra_state"}  # no foundation weight

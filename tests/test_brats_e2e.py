@@ -35,8 +35,12 @@ def validation_dice(workspace, trainer) -> dict:
     return {k: v["Dice"] for k, v in summary["mean"].items()}
 
 
-@pytest.mark.parametrize("method", ["FullFT", "DecoderFT", "LoRA", "BitFit", "ConvAdapter", "ConvAdapterParallel",
-                                    "MedAdapter", "LinearProbe", "SpatialAdapter", "TargetOnly"])
+# Every kind of trainer: what regions change (sigmoid head rows, the anchor, black-box heads, no foundation)
+# is the same for the variants of one kind. Left out for CI's 40 minutes: DecoderFT (FullFT with a frozen
+# encoder; its freezing is checked in test_methods.py) and the parallel conv adapter (its injection: test_methods.py,
+# test_monai_nets.py); no other test trains either through nnUNetv2_train
+@pytest.mark.parametrize("method", ["FullFT", "LoRA", "BitFit", "ConvAdapter", "MedAdapter", "LinearProbe",
+                                    "SpatialAdapter", "TargetOnly"])
 def test_every_trainer_trains_predicts_and_is_scored_per_region(method, workspace, brats_target):
     trainer = f"nnUNetTrainerFSEFT_{method}"
     log = train(brats_target, trainer)

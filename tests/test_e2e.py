@@ -111,29 +111,25 @@ def test_start_trainer_saves_the_untrained_start_and_validates_it(workspace, tar
 def test_step_0_predicts_exactly_what_zeroshot_predicts(workspace, foundation, tmp_path):
     """A target with two of the foundation's four organs: the other two are grouped with background
     (nnunet_fseft/network/grouped_head.py), so the untrained start segments the held-out scans as zeroshot does.
-    The liver is one of the two because the session's foundation (6 iterations) reliably finds it on
-    scanner B (hundreds of voxels per scan); on the spleen and a kidney it found 2-10 voxels, none on
-    some runs, which made this test fail by chance."""
+    The scans come from the foundation's own scanner and the liver is one of the two organs: the session's
+    foundation (6 iterations, not seeded) found the spleen and a kidney on scanner B in 2-10 voxels and
+    on CI once found nothing on one scan of scanner B, which made this test fail by chance. The test
+    needs foreground somewhere so that the equality is not one of two empty maps; the equality is
+    checked on every scan."""
     run(["nnunet-fseft", "synth", "-d", "506", "--cases", "4", "--test", "0", "--seed", "21", "--shape", "32", "32", "32",
-         "--name", "SynthSubset", "--organs", "liver", "spleen", "--scanner", "B"])
+         "--name", "SynthSubset", "--organs", "liver", "spleen"])
     run(["nnunet-fseft", "adopt", "--foundation", foundation, "-d", "506"])
     run(["nnunet-fseft", "kshot", "-d", "506", "-k", "1", "--repeats", "1", "--test", "2"])
     trainer = "nnUNetTrainerFSEFT_Start"
     log = run(["nnUNetv2_train", "506", "3d_fullres", "0", "-p", PLANS_NAME, "-tr", trainer, "-device", "cpu"],
               env=TRAIN_ENV).stdout
     assert "the foundation's 'kidney_left', 'kidney_right' grouped with background" in log
-    name = "Dataset506_SynthSubset"
-    held_out = json.loads((workspace / "nnUNet_preprocessed" / name / "splits_final.json").read_text())[0]["val"]
-    images = tmp_path / "held_out"
-    images.mkdir()
-    for case in held_out:
-        os.symlink(workspace / "nnUNet_raw" / name / "imagesTr" / f"{case}_0000.nii.gz", images / f"{case}_0000.nii.gz")
-    run(["nnUNetv2_predict", "-i", images, "-o", tmp_path / "start", "-d", "506", "-c", "3d_fullres", "-f", "0",
-         "-p", PLANS_NAME, "-tr", trainer, *PREDICT_ON_CPU])
+    # nnU-Net's validation of the fold segmented the held-out scans (the foundation allows no mirroring)
+    validation = workspace / "nnUNet_results" / "Dataset506_SynthSubset" / f"{trainer}__{PLANS_NAME}__3d_fullres"
     zero = tmp_path / "zeroshot"
     out = run(["nnunet-fseft", "zeroshot", "-d", "506", "--disable_tta", "-o", zero]).stdout
-    start, zero_shot = segmentations(tmp_path / "start"), segmentations(zero / "predictions")
-    assert all(set(np.unique(z)) > {0} for z in zero_shot)  # the organs are found, not only background
+    start, zero_shot = segmentations(validation / "fold_0" / "validation"), segmentations(zero / "predictions")
+    assert any(set(np.unique(z)) > {0} for z in zero_shot)  # an organ is found, not only background
     for a, b in zip(start, zero_shot):
         assert np.array_equal(a, b)
     assert "liver" in out

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from helpers import COMMAND_ENV, TRAIN_ENV, fails_with, run, tree
+from helpers import COMMAND_ENV, TRAIN_ENV_NO_VALIDATION, fails_with, run, tree
 from nnunet_fseft.foundation.record import PLANS_KEY, read_checkpoint
 from nnunet_fseft.plans import PLANS_NAME
 from nnunet_fseft.runner import command_path
@@ -26,7 +26,7 @@ def preprocessed(workspace):
 def bitfit(workspace, target):
     """A model of a mergeable method, trained on fold 1 of the target."""
     run(["nnUNetv2_train", target, "3d_fullres", "1", "-p", PLANS_NAME, "-tr", BITFIT, "-device", "cpu"],
-        env=TRAIN_ENV)
+        env=TRAIN_ENV_NO_VALIDATION)
     return workspace / "nnUNet_results" / "Dataset501_SynthCTB" / f"{BITFIT}__FSEFTPlans__3d_fullres"
 
 
@@ -130,7 +130,7 @@ def test_a_foundation_changed_since_adopt_stops_training_with_the_file_it_needs(
     (folder / "Changed.json").write_text(json.dumps(plans))
     try:
         p = run(["nnUNetv2_train", target, "3d_fullres", "0", "-p", "Changed", "-tr", "nnUNetTrainerFSEFT_LoRA",
-                 "-device", "cpu"], env=TRAIN_ENV, check=False)
+                 "-device", "cpu"], env=TRAIN_ENV_NO_VALIDATION, check=False)
     finally:
         (folder / "Changed.json").unlink()
     last = p.stdout.strip().splitlines()[-1]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import PREDICT_ON_CPU, TRAIN_ENV, WITHOUT_PLUGIN, images, run, segmentations
+from helpers import PREDICT_ON_CPU, TRAIN_ENV_NO_VALIDATION, WITHOUT_PLUGIN, images, run, segmentations
 from networks import plans_manager
 from nnunet_fseft.foundation.record import read_checkpoint
 from nnunet_fseft.plans import PLANS_NAME
@@ -24,7 +24,7 @@ def results(workspace, trainer):
 
 def train(target, trainer, fold="0"):
     return run(["nnUNetv2_train", target, "3d_fullres", fold, "-p", PLANS_NAME, "-tr", trainer, "-device", "cpu"],
-               env=TRAIN_ENV)
+               env=TRAIN_ENV_NO_VALIDATION)
 
 
 def predict_folder(workspace, model_folder, out, fold="0", env=None):
@@ -122,7 +122,7 @@ def test_merged_model_runs_on_nnunet_alone_with_the_same_segmentation(combo, wor
     assert not (tmp_path / "refused").exists()
     (tmp_path / "plain_head.py").write_text(PLAIN_HEAD)  # the way out the refusal names
     trainer = "nnUNetTrainerFSEFT_LoRA_DecoderFT_PlainHead"
-    env = {**TRAIN_ENV, "nnUNet_extTrainer": os.pathsep.join([str(tmp_path), os.environ.get("nnUNet_extTrainer", "")])}
+    env = {**TRAIN_ENV_NO_VALIDATION, "nnUNet_extTrainer": os.pathsep.join([str(tmp_path), os.environ.get("nnUNet_extTrainer", "")])}
     run(["nnUNetv2_train", target, "3d_fullres", "0", "-p", PLANS_NAME, "-tr", trainer, "-device", "cpu"], env=env)
     folder = results(workspace, trainer)
     want = predict_folder(workspace, folder, tmp_path / "want", env=env)
@@ -169,7 +169,7 @@ def test_a_misspelt_hyperparameter_in_a_users_trainer_stops_nnunet_training_at_s
     env = {"nnUNet_extTrainer": os.pathsep.join([str(tmp_path), os.environ.get("nnUNet_extTrainer", "")]),
            "PYTHONUNBUFFERED": "1"}  # the traceback's last line is then the output's last line
     p = run(["nnUNetv2_train", "990", "3d_fullres", "0", "-p", PLANS_NAME, "-tr", "nnUNetTrainerFSEFT_LoRA_Rank4",
-             "-device", "cpu"], env={**TRAIN_ENV, **env}, check=False)
+             "-device", "cpu"], env={**TRAIN_ENV_NO_VALIDATION, **env}, check=False)
     assert p.returncode != 0
     last = p.stdout.strip().splitlines()[-1]
     assert last.startswith("nnunet_fseft.errors.InputError: nnUNetTrainerFSEFT_LoRA_Rank4 sets `rnak`"), \
@@ -184,7 +184,7 @@ def test_a_foundation_with_nan_weights_stops_nnunet_training_in_one_sentence(wor
     name = next(k for k in checkpoint["network_weights"] if k.startswith("encoder") and k.endswith("weight"))
     checkpoint["network_weights"][name].view(-1)[:5] = float("nan")
     torch.save(checkpoint, tmp_path / "nan.pth")
-    env = {**TRAIN_ENV, "nnUNet_fseft_epochs": "1", "nnUNet_fseft_iters_per_epoch": "2",
+    env = {**TRAIN_ENV_NO_VALIDATION, "nnUNet_fseft_epochs": "1", "nnUNet_fseft_iters_per_epoch": "2",
            "nnUNet_results": str(tmp_path / "results"),  # the shared results folder stays as it is
            "PYTHONUNBUFFERED": "1"}  # the traceback's last line is then the output's last line
     p = run(["nnUNetv2_train", target, "3d_fullres", "0", "-p", PLANS_NAME, "-tr", "nnUNetTrainerFSEFT_LoRA",

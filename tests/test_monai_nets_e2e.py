@@ -1,14 +1,14 @@
 """MONAI's MedNeXt and Swin-UNETR as nnU-Net networks: plans written by `nnunet-fseft plans --arch`, a
-foundation pre-trained a few iterations by nnUNetv2_train, adopt, the papers' methods on each
-(MedNeXt: LoRA and PEFT-MedNeXt's conv adapter; Swin-UNETR: FSEFT's LoRA on attention), nnUNetv2_predict,
-nnU-Net's evaluation; on MedNeXt also export / import, merge and --c (none of which depends on the network
+foundation (MedNeXt: pre-trained a few iterations by nnUNetv2_train; Swin-UNETR: its initial weights), adopt,
+the papers' methods on each (MedNeXt: LoRA and PEFT-MedNeXt's conv adapter; Swin-UNETR: FSEFT's LoRA on
+attention), nnUNetv2_predict, nnU-Net's evaluation; on MedNeXt also export / import, merge and --c (none of which depends on the network
 beyond its plans). A method that cannot apply is refused before training. Kept lean: CI's 40 minutes."""
 import json
 import os
 
 import pytest
 
-from helpers import FOUNDATION_ID, PREDICT_ON_CPU, TRAIN_ENV, images, run, segmentations
+from helpers import FOUNDATION_ID, PREDICT_ON_CPU, TRAIN_ENV, TRAIN_ENV_NO_VALIDATION, images, run, segmentations
 from nnunet_fseft.foundation.record import read_checkpoint
 
 PRETRAIN = "nnUNetTrainerFSEFT_Pretrain"
@@ -51,15 +51,29 @@ def plain_head_env(tmp_path_factory):
     return {"nnUNet_extTrainer": os.pathsep.join([str(folder), os.environ.get("nnUNet_extTrainer", "")])}
 
 
-def adopted(workspace, foundation, target, arch: str, plans: str):
-    """Plans for `arch` beside the session foundation's, a foundation pre-trained on them, adopted by the
-    target as `plans`; returns the foundation's results folder."""
+def adopted(workspace, foundation, target, arch: str, plans: str, pretrain: bool = True):
+    """Plans for `arch` beside the session foundation's, a foundation pre-trained on them (or, without
+    `pretrain`, the network's initial weights written as the foundation's checkpoint, as the Primus test
+    does: pre-training is tested on MedNeXt, and costs CI most on Swin-UNETR's 64^3 patch), adopted by
+    the target as `plans`; returns the foundation's results folder."""
     out = run(["nnunet-fseft", "plans", "-d", FOUNDATION_ID, "--arch", arch, "--preset", "cpu_tiny"]).stdout
     name = f"nnUNetPlans_{arch}_cpu_tiny"
     assert f"wrote plans {name}" in out
-    run(["nnUNetv2_train", FOUNDATION_ID, "3d_fullres", "all", "-p", name, "-tr", PRETRAIN, "-device", "cpu"],
-        env=PRETRAIN_ENV)
     folder = workspace / "nnUNet_results" / "Dataset100_SynthCTA" / f"{PRETRAIN}__{name}__3d_fullres"
+    if pretrain:
+        run(["nnUNetv2_train", FOUNDATION_ID, "3d_fullres", "all", "-p", name, "-tr", PRETRAIN, "-device", "cpu"],
+            env=PRETRAIN_ENV)
+    else:
+        import torch
+        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+        from nnunet_fseft.sharing.model_folder import build_network, write_model
+        preprocessed = workspace / "nnUNet_preprocessed" / "Dataset100_SynthCTA"
+        plans_json = json.loads((preprocessed / f"{name}.json").read_text())
+        dataset_json = json.loads((preprocessed / "dataset.json").read_text())
+        torch.manual_seed(0)
+        network = build_network(nnUNetTrainer, plans_json, dataset_json, "3d_fullres")
+        write_model(str(folder), "all", "checkpoint_final.pth", plans_json, dataset_json, PRETRAIN, "3d_fullres",
+                    network.state_dict(), None)
     run(["nnunet-fseft", "adopt", "--foundation", folder, "-d", target, "-p", plans])
     return folder
 
@@ -70,7 +84,7 @@ def results(workspace, trainer, plans):
 
 def train(target, trainer, plans, env, extra=()):
     return run(["nnUNetv2_train", target, "3d_fullres", "0", "-p", plans, "-tr", trainer, "-device", "cpu",
-                *extra], env={**TRAIN_ENV, **env}).stdout
+                *extra], env={**TRAIN_ENV_NO_VALIDATION, **env}).stdout
 
 
 def predict(workspace, target, trainer, plans, out, env):
@@ -141,9 +155,9 @@ def test_mednext_with_lora_and_the_conv_adapter(workspace, foundation, target, p
 
 def test_swin_unetr_with_lora_on_attention(workspace, foundation, target, tmp_path):
     plans = "SwinPlans"
-    adopted(workspace, foundation, target, "swin-unetr", plans)
+    adopted(workspace, foundation, target, "swin-unetr", plans, pretrain=False)
     p = run(["nnUNetv2_train", target, "3d_fullres", "0", "-p", plans, "-tr", "nnUNetTrainerFSEFT_ConvAdapter",
-             "-device", "cpu"], env=TRAIN_ENV, check=False)
+             "-device", "cpu"], env=TRAIN_ENV_NO_VALIDATION, check=False)
     assert p.returncode != 0 and "transformer encoder: use LoRA or AdaptFormer" in p.stdout
     assert "Epoch 0" not in p.stdout
 

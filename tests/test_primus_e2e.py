@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from helpers import PREDICT_ON_CPU, TRAIN_ENV, WITHOUT_PLUGIN, images, run, segmentations
+from helpers import PREDICT_ON_CPU, TRAIN_ENV_NO_VALIDATION, WITHOUT_PLUGIN, images, run, segmentations
 from nnunet_fseft.foundation.record import read_checkpoint
 
 PRIMUS = "nnUNet_Primus_S_Trainer"
@@ -36,7 +36,7 @@ def results(workspace, trainer):
 def test_lora_on_primus_trains_predicts_and_merges_into_a_primus_model(primus_target, workspace, tmp_path):
     trainer = "nnUNetTrainerFSEFT_LoRA"
     log = run(["nnUNetv2_train", primus_target, "3d_fullres", "0", "-p", "PrimusPlans", "-tr", trainer,
-               "-device", "cpu"], env=TRAIN_ENV).stdout
+               "-device", "cpu"], env=TRAIN_ENV_NO_VALIDATION).stdout
     assert "Loaded foundation" in log
     weights = read_checkpoint(str(results(workspace, trainer) / "fold_0" / "checkpoint_final.pth"))["network_weights"]
     assert any(k.startswith("eva.blocks.0.attn.q_proj.fseft_lora_") for k in weights)
@@ -57,6 +57,6 @@ def test_lora_on_primus_trains_predicts_and_merges_into_a_primus_model(primus_ta
 
 def test_conv_adapter_on_primus_is_refused_before_training(primus_target):
     p = run(["nnUNetv2_train", primus_target, "3d_fullres", "0", "-p", "PrimusPlans", "-tr",
-             "nnUNetTrainerFSEFT_ConvAdapter", "-device", "cpu"], env=TRAIN_ENV, check=False)
+             "nnUNetTrainerFSEFT_ConvAdapter", "-device", "cpu"], env=TRAIN_ENV_NO_VALIDATION, check=False)
     assert p.returncode != 0 and "transformer encoder: use LoRA or AdaptFormer" in p.stdout
     assert "Epoch 0" not in p.stdout

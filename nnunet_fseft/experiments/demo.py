@@ -13,6 +13,7 @@ import json
 import os
 import re
 import time
+from typing import Optional
 
 from nnunet_fseft.errors import InputError
 from nnunet_fseft.plans import PLANS_NAME
@@ -72,20 +73,24 @@ class Demo:
                  **env)
         return time.time() - t
 
-    def train_foundation(self, dataset_id: int, name: str):
-        """A small foundation on the base organs (scanner A), trained unless it is there already;
-        returns its model folder and the seconds its training took (0 if it was there)."""
+    def train_foundation(self, dataset_id: int, name: str, arch: Optional[str] = None):
+        """A small foundation on the base organs (scanner A), trained unless it is there already, with
+        nnU-Net's network or the preset's size of `arch` (plans.presets.ARCHITECTURES); returns its model
+        folder and the seconds its training took (0 if it was there)."""
         from nnunet_fseft.plans.presets import apply_preset
         from nnunet_fseft.datasets.synth import synth_dataset
         preset = "cpu_tiny" if self.device == "cpu" else "cpu_small"
+        plans_name = "_".join(n for n in ("nnUNetPlans", arch, preset) if n)
         folder = os.path.join(os.environ["nnUNet_results"], f"Dataset{dataset_id:03d}_{name}",
-                              f"nnUNetTrainerFSEFT_Pretrain__nnUNetPlans_{preset}__3d_fullres")
+                              f"nnUNetTrainerFSEFT_Pretrain__{plans_name}__3d_fullres")
         if os.path.isfile(os.path.join(folder, "fold_all", "checkpoint_final.pth")):
             return folder, 0.0
         self.say(f"foundation: {', '.join(BASE_ORGANS)} on scanner A (nnUNetv2_plan_and_preprocess, nnUNetv2_train)")
-        synth_dataset(dataset_id, 16, BASE_ORGANS, seed=0, name=name, shape=(SHAPE,) * 3)
+        if not os.path.isdir(os.path.join(os.environ["nnUNet_raw"], f"Dataset{dataset_id:03d}_{name}")):
+            synth_dataset(dataset_id, 16, BASE_ORGANS, seed=0, name=name, shape=(SHAPE,) * 3)
+        # planned again: a foundation of another network on the same scans, or an interrupted try
         self.run(["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", "3d_fullres", "-np", "2"])
-        plans = apply_preset(str(dataset_id), preset)
+        plans = apply_preset(str(dataset_id), preset, arch=arch)
         assert os.path.basename(folder).split("__")[1] == plans, plans
         seconds = self.train(dataset_id, "all", plans, "nnUNetTrainerFSEFT_Pretrain", SCHEDULES[self.device]["foundation"])
         self.say(f"   foundation trained in {seconds:.0f} s")

@@ -17,7 +17,8 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 
-from nnunet_fseft.environment import cpu_threads, epochs_overridden, gpu_data_enabled
+from nnunet_fseft.environment import (FINAL_VALIDATION, cpu_threads, epochs_overridden, final_validation_enabled,
+                                      gpu_data_enabled)
 from nnunet_fseft.errors import InputError
 from nnunet_fseft.foundation.record import (architecture_trainer, load_foundation, pretrained_weights_argument,
                                             read_checkpoint, recorded_foundation, unwrap)
@@ -85,6 +86,7 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
         self._step_in_epoch = 0
         self.initial_lr = self.learning_rate
         self.gpu_data = gpu_data_enabled(self.gpu_data)  # a bad nnUNet_fseft_gpu_data stops here, not later
+        self.final_validation = final_validation_enabled()  # and a bad nnUNet_fseft_final_validation
         self.weight_decay = self.weight_decay_fseft
         self.foundation = recorded_foundation(self.plans_manager.plans)
         self._restoring = False  # set by load_checkpoint: weights come from our checkpoint
@@ -340,6 +342,12 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
         s = self.schedule
         losses = self.logger.get_value("train_losses", step=None)  # every rank's mean: ranks agree
         return plateaued(losses, s.window, s.patience, self.plateau_delta)
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        if not self.final_validation:
+            self.print_to_log_file(f"validation after training skipped ({FINAL_VALIDATION}=0)")
+            return
+        super().perform_actual_validation(save_probabilities)
 
     def run_training(self):
         try:

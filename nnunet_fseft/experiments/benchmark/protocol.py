@@ -51,9 +51,10 @@ def run_env(trainer_cls, device: str, held_out: str) -> dict:
     """What nnUNetv2_train and nnUNetv2_predict get for one run, on top of this environment: no
     compilation unless asked, single-process augmentation on CPU unless asked, and for a
     transductive method the held-out scans as its query volumes (nnUNet_fseft_query), i.e. the
-    scans it is scored on, as the FSEFT paper adapts."""
-    from nnunet_fseft.environment import QUERY
-    env = {"nnUNet_compile": os.environ.get("nnUNet_compile", "f")}
+    scans it is scored on, as the FSEFT paper adapts. nnU-Net's validation after training is skipped:
+    it would segment the held-out scans that nnUNetv2_predict segments next."""
+    from nnunet_fseft.environment import FINAL_VALIDATION, QUERY
+    env = {"nnUNet_compile": os.environ.get("nnUNet_compile", "f"), FINAL_VALIDATION: "0"}
     if device == "cpu":
         env["nnUNet_n_proc_DA"] = os.environ.get("nnUNet_n_proc_DA", "0")
     if getattr(trainer_cls, "transductive", False):

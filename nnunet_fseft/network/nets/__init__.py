@@ -4,6 +4,8 @@ Each is a thin arrangement of MONAI's layers into nnU-Net's U-Net anatomy (`enco
 `decoder.seg_layers`, `decoder.deep_supervision`), so nnU-Net's trainer, predictor and deep supervision and
 every nnunet-fseft method see them as they see PlainConvUNet. MONAI is an extra: `pip install "nnunet-fseft[monai]"`.
 """
+from torch import nn
+
 from nnunet_fseft.errors import InputError
 
 
@@ -27,12 +29,19 @@ def check_strides(network: str, strides, levels: int, hint: str) -> int:
     return dims
 
 
-class Decoder:
+class Decoder(nn.Module):
     """nnU-Net's decoder contract, shared by the networks here: `stages[i]` runs at the i-th resolution from
-    the bottom, `seg_layers[i]` is its head, and with `deep_supervision` the outputs come full resolution first."""
+    the bottom, `seg_layers[i]` is its head, and with `deep_supervision` the outputs come full resolution first
+    (nnU-Net's `set_deep_supervision_enabled` sets the attribute). A network's decoder adds its own upsampling
+    or skip blocks and a `forward` that ends in `self.outputs(features)`."""
 
-    @staticmethod
-    def outputs(decoder, features):
-        if not decoder.deep_supervision:
-            return decoder.seg_layers[-1](features[-1])
-        return [head(f) for head, f in zip(decoder.seg_layers, features)][::-1]
+    def __init__(self, stages, heads: nn.ModuleList, deep_supervision: bool):
+        super().__init__()
+        self.stages, self.seg_layers = nn.ModuleList(stages), heads
+        self.deep_supervision = deep_supervision
+
+    def outputs(self, features):
+        """The heads on the stages' features (coarsest first): the full-resolution output, or all of them."""
+        if not self.deep_supervision:
+            return self.seg_layers[-1](features[-1])
+        return [head(f) for head, f in zip(self.seg_layers, features)][::-1]

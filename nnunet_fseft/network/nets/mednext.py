@@ -56,18 +56,17 @@ class MedNeXtEncoder(nn.Module):
         return skips
 
 
-class MedNeXtDecoder(nn.Module):
+class MedNeXtDecoder(Decoder):
     def __init__(self, up_blocks, stages, heads, deep_supervision: bool):
-        super().__init__()
-        self.transpconvs, self.stages, self.seg_layers = nn.ModuleList(up_blocks), nn.ModuleList(stages), heads
-        self.deep_supervision = deep_supervision
+        super().__init__(stages, heads, deep_supervision)
+        self.transpconvs = nn.ModuleList(up_blocks)
 
     def forward(self, skips):
         x, features = skips[-1], []
         for i, (up, stage) in enumerate(zip(self.transpconvs, self.stages)):
             x = stage(up(x) + skips[-(i + 2)])  # MedNeXt adds its skips (nnU-Net's U-Nets concatenate them)
             features.append(x)
-        return Decoder.outputs(self, features)
+        return self.outputs(features)
 
 
 class MedNeXtUNet(nn.Module):

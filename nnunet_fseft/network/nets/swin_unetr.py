@@ -27,11 +27,10 @@ class SwinEncoder(nn.Module):
         return [x] + list(self.swinViT(x, self.normalize))  # the image, then 1/2 ... 1/32
 
 
-class SwinDecoder(nn.Module):
+class SwinDecoder(Decoder):
     def __init__(self, skips, stages, heads, deep_supervision: bool):
-        super().__init__()
-        self.skips, self.stages, self.seg_layers = nn.ModuleList(skips), nn.ModuleList(stages), heads
-        self.deep_supervision = deep_supervision
+        super().__init__(stages, heads, deep_supervision)
+        self.skips = nn.ModuleList(skips)
 
     def forward(self, hidden):
         image, h = hidden[0], hidden[1:]
@@ -42,7 +41,7 @@ class SwinDecoder(nn.Module):
         for stage, skip in zip(self.stages, reversed(skips)):
             x = stage(x, skip)
             features.append(x)
-        return Decoder.outputs(self, features)
+        return self.outputs(features)
 
 
 class SwinUNETRNet(nn.Module):
