@@ -32,8 +32,10 @@ def test_a_model_folder_and_an_adapter_file_of_the_flat_layout_predict_as_they_d
     adapter = shutil.copy(os.path.join(DATA, "lora.safetensors"), tmp_path / "lora.safetensors")
     shutil.copy(os.path.join(DATA, "lora.safetensors.json"), tmp_path / "lora.safetensors.json")
 
-    np.testing.assert_allclose(predicted_probabilities(lora, tmp_path / "pred_folder"), expected, atol=1e-5)
+    # float32 sums in another order (threads, CPU kernels) moved 92 of 98,304 values by up to 5e-5 on one
+    # fresh install; a different prediction would move them by far more
+    np.testing.assert_allclose(predicted_probabilities(lora, tmp_path / "pred_folder"), expected, atol=2e-4)
 
     imported = tmp_path / "imported" / "nnUNetTrainerFSEFT_LoRA__FSEFTPlans__3d_fullres"
     run(["nnunet-fseft", "import", adapter, "--foundation", foundation, "-o", imported])
-    np.testing.assert_allclose(predicted_probabilities(imported, tmp_path / "pred_imported"), expected, atol=1e-5)
+    np.testing.assert_allclose(predicted_probabilities(imported, tmp_path / "pred_imported"), expected, atol=2e-4)
