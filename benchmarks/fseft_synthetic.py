@@ -71,7 +71,11 @@ def main(args=None):
     from nnunet_fseft.experiments.benchmark.protocol import machine
     from nnunet_fseft.datasets.synth import synth_dataset
 
-    args = args or parser().parse_args()
+    if args is None:
+        ap = parser()
+        args = ap.parse_args()
+        if args.foundation and args.arch:
+            ap.error("--arch chooses the network of the foundation this script trains; a --foundation has its own")
     d = Demo(args.workdir, args.device)
     model = args.foundation or d.train_foundation(610, "BenchFoundation", args.arch)[0]
     if args.schedule:

@@ -11,8 +11,8 @@ EPOCHS = "nnUNet_fseft_epochs"  # a trainer's number of epochs
 ITERATIONS = "nnUNet_fseft_iters_per_epoch"  # and of iterations per epoch
 GPU_DATA = "nnUNet_fseft_gpu_data"  # 1 / 0: the support set on the training device, or nnU-Net's CPU path
 QUERY = "nnUNet_fseft_query"  # folder of unlabelled query images for transductive inference
-# 0: the methods' trainers (not the foundation trainers) skip nnU-Net's validation after training (`nnunet-fseft benchmark` predicts and scores
-# the same held-out scans itself, with nnUNetv2_predict)
+# 0: the methods' trainers (not the foundation trainers) skip nnU-Net's validation after training
+# (`nnunet-fseft benchmark` predicts and scores the same held-out scans itself, with nnUNetv2_predict)
 FINAL_VALIDATION = "nnUNet_fseft_final_validation"
 # CPU threads of one training: nnU-Net gives a CPU training every core, so trainings side by side
 # on one machine (a benchmark's local jobs) would fight over them

@@ -122,7 +122,8 @@ def test_merged_model_runs_on_nnunet_alone_with_the_same_segmentation(combo, wor
     assert not (tmp_path / "refused").exists()
     (tmp_path / "plain_head.py").write_text(PLAIN_HEAD)  # the way out the refusal names
     trainer = "nnUNetTrainerFSEFT_LoRA_DecoderFT_PlainHead"
-    env = {**TRAIN_ENV_NO_VALIDATION, "nnUNet_extTrainer": os.pathsep.join([str(tmp_path), os.environ.get("nnUNet_extTrainer", "")])}
+    env = {**TRAIN_ENV_NO_VALIDATION,
+           "nnUNet_extTrainer": os.pathsep.join([str(tmp_path), os.environ.get("nnUNet_extTrainer", "")])}
     run(["nnUNetv2_train", target, "3d_fullres", "0", "-p", PLANS_NAME, "-tr", trainer, "-device", "cpu"], env=env)
     folder = results(workspace, trainer)
     want = predict_folder(workspace, folder, tmp_path / "want", env=env)

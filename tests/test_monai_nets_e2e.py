@@ -1,8 +1,9 @@
 """MONAI's MedNeXt and Swin-UNETR as nnU-Net networks: plans written by `nnunet-fseft plans --arch`, a
 foundation (MedNeXt: pre-trained a few iterations by nnUNetv2_train; Swin-UNETR: its initial weights), adopt,
 the papers' methods on each (MedNeXt: LoRA and PEFT-MedNeXt's conv adapter; Swin-UNETR: FSEFT's LoRA on
-attention), nnUNetv2_predict, nnU-Net's evaluation; on MedNeXt also export / import, merge and --c (none of which depends on the network
-beyond its plans). A method that cannot apply is refused before training. Kept lean: CI's 40 minutes."""
+attention), nnUNetv2_predict, nnU-Net's evaluation; on MedNeXt also export / import, merge and --c (none
+of which depends on the network beyond its plans). A method that cannot apply is refused before training.
+Kept lean: CI's 40 minutes."""
 import json
 import os
 

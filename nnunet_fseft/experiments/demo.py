@@ -77,10 +77,10 @@ class Demo:
         """A small foundation on the base organs (scanner A), trained unless it is there already, with
         nnU-Net's network or the preset's size of `arch` (plans.presets.ARCHITECTURES); returns its model
         folder and the seconds its training took (0 if it was there)."""
-        from nnunet_fseft.plans.presets import apply_preset
+        from nnunet_fseft.plans.presets import apply_preset, preset_plans_name
         from nnunet_fseft.datasets.synth import synth_dataset
         preset = "cpu_tiny" if self.device == "cpu" else "cpu_small"
-        plans_name = "_".join(n for n in ("nnUNetPlans", arch, preset) if n)
+        plans_name = preset_plans_name("nnUNetPlans", arch, preset)
         folder = os.path.join(os.environ["nnUNet_results"], f"Dataset{dataset_id:03d}_{name}",
                               f"nnUNetTrainerFSEFT_Pretrain__{plans_name}__3d_fullres")
         if os.path.isfile(os.path.join(folder, "fold_all", "checkpoint_final.pth")):

@@ -50,6 +50,11 @@ def divisible_patch(patch, levels: int):
     return [max(2 * step, int(round(p / step)) * step) for p in patch]
 
 
+def preset_plans_name(source_plans: str, arch: Optional[str], preset_name: Optional[str]) -> str:
+    """The plans identifier apply_preset writes: `{source_plans}[_{arch}][_{preset_name}]`."""
+    return "_".join([source_plans] + [n for n in (arch, preset_name) if n])
+
+
 def apply_preset(dataset: str, preset_name: Optional[str], source_plans: str = "nnUNetPlans",
                  configuration: str = "3d_fullres", arch: Optional[str] = None) -> str:
     """Writes plans `{source_plans}[_{arch}][_{preset_name}]` beside the source plans; returns its plans name.
@@ -85,6 +90,6 @@ def apply_preset(dataset: str, preset_name: Optional[str], source_plans: str = "
             c["architecture"] = {"network_class_name": spec["network"],
                                  "arch_kwargs": dict(kwargs, strides=strides, n_stages=len(strides)),
                                  "_kw_requires_import": []}
-    plans["plans_name"] = "_".join([source_plans] + [n for n in (arch, preset_name) if n])
+    plans["plans_name"] = preset_plans_name(source_plans, arch, preset_name)
     save_json_kept(plans, os.path.join(folder, plans["plans_name"] + ".json"))
     return plans["plans_name"]
