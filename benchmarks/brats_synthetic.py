@@ -13,6 +13,7 @@ against the foundation as it is (source-only) and the target alone from scratch 
 Resumable: run it again and finished runs are skipped.
 
     python benchmarks/brats_synthetic.py --workdir /tmp/brats_bench --schedule 10 20 --test 6
+    python benchmarks/brats_synthetic.py --workdir /tmp/bm --arch mednext-s --methods ConvAdapter FullFT
     (add Start to --methods for the step-0 row; on matched regions it is the zero-shot row, tested)
 """
 import argparse
@@ -22,6 +23,7 @@ import platform
 
 from nnunet_fseft.experiments.demo import Demo
 from nnunet_fseft.experiments.demo_brats import SHAPE, score, train_brats_foundation
+from nnunet_fseft.plans.presets import ARCHITECTURES
 
 FOUNDATION_ID, SOURCE_TEST_ID, TARGET_ID = 620, 621, 622
 METHODS = ["FullFT", "DecoderFT", "LoRA", "BitFit", "ConvAdapter", "ConvAdapterParallel", "MedAdapter",
@@ -33,6 +35,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--foundation", help="a region-based nnU-Net model folder to use instead of training one")
+    ap.add_argument("--arch", choices=list(ARCHITECTURES),
+                    help="the trained foundation's network (default nnU-Net's own), at the preset's size")
     ap.add_argument("--source-cases", type=int, default=32, help="source cases the foundation is trained on")
     ap.add_argument("--foundation-schedule", type=int, nargs=2, default=[60, 20], metavar=("EPOCHS", "ITERS"))
     ap.add_argument("-k", "--k", dest="k", nargs="+", default=["5", "all"], help="support scans per run, or 'all'")
@@ -70,10 +74,14 @@ def main(args=None):
     from nnunet_fseft.experiments.benchmark.protocol import machine
     from nnunet_fseft.experiments.benchmark.runs import benchmark
 
-    args = args or parser().parse_args()
+    if args is None:
+        ap = parser()
+        args = ap.parse_args()
+        if args.foundation and args.arch:
+            ap.error("--arch chooses the network of the foundation this script trains; a --foundation has its own")
     d = Demo(args.workdir, args.device)
     model = args.foundation or train_brats_foundation(d, FOUNDATION_ID, "BenchBraTSFoundation", args.source_cases,
-                                                      args.foundation_schedule)[0]
+                                                      args.foundation_schedule, args.arch)[0]
     if args.schedule:
         os.environ.update({"nnUNet_fseft_epochs": str(args.schedule[0]),
                            "nnUNet_fseft_iters_per_epoch": str(args.schedule[1])})

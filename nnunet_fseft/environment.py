@@ -49,13 +49,14 @@ def schedule_overrides() -> dict:
 
 
 def switch(name: str, default: bool) -> bool:
-    """The on / off variable `name` (1 or 0, or true / false ...), or `default` where it is unset."""
+    """The on / off variable `name` (1 or 0, or true / false ...), or `default` where it is unset or
+    empty (`VAR=` in a job script clears a variable; it must not turn a default-on step off)."""
     value = os.environ.get(name)
-    if value is None:
+    if value is None or not value.strip():
         return default
     if value.strip().lower() in ("1", "t", "true", "yes", "on"):
         return True
-    if value.strip().lower() in ("0", "f", "false", "no", "off", ""):
+    if value.strip().lower() in ("0", "f", "false", "no", "off"):
         return False
     raise InputError(f"{name} must be 1 or 0, got '{value}'; fix or unset it.")
 

@@ -60,6 +60,8 @@ def test_switch_reads_attribute_and_environment(monkeypatch):
     assert gpu_data_enabled(False) is True
     monkeypatch.setenv("nnUNet_fseft_gpu_data", "0")
     assert gpu_data_enabled(True) is False
+    monkeypatch.setenv("nnUNet_fseft_gpu_data", "")  # empty reads as unset
+    assert gpu_data_enabled(True) is True and gpu_data_enabled(False) is False
     monkeypatch.setenv("nnUNet_fseft_gpu_data", "maybe")
     with pytest.raises(InputError, match="nnUNet_fseft_gpu_data must be 1 or 0"):
         gpu_data_enabled(False)

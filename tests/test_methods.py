@@ -9,7 +9,7 @@ from networks import ARCHITECTURES, INPUT_SHAPES, plans_manager
 from nnunet_fseft.errors import InputError
 from nnunet_fseft.network.anatomy import anatomy
 from nnunet_fseft.network.parameters import count_parameters
-from nnunet_fseft.sharing.adapter_file import safetensors_bytes, trained_tensors
+from nnunet_fseft.sharing.adapter_file import safetensors_bytes, saved_buffers, trained_tensors
 from nnunet_fseft.trainers import METHODS as ALL_METHODS
 from nnunet_fseft.trainers.blackbox import nnUNetTrainerFSEFT_BlackBox
 from nnunet_fseft.tuners import is_adapter_parameter, merge
@@ -236,8 +236,7 @@ def test_adapter_tensors_plus_the_foundation_rebuild_the_same_network(arch, meth
     foundation, net, x = adapted(arch, method)
     perturb(net)
     tensors = load(safetensors_bytes(trained_tensors(net), {"method": method}))
-    assert set(tensors) == ({n for n, p in net.named_parameters() if p.requires_grad}
-                            | {n for n, _ in net.named_buffers() if n in net.state_dict()})
+    assert set(tensors) == {n for n, p in net.named_parameters() if p.requires_grad} | set(saved_buffers(net))
     rebuilt = METHODS[method].adapt(copy.deepcopy(foundation))
     own = {**dict(rebuilt.named_parameters()), **dict(rebuilt.named_buffers())}
     with torch.no_grad():

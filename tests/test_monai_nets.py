@@ -101,6 +101,33 @@ def test_an_adapted_network_starts_as_the_foundation(arch, method):
     assert torch.equal(got, want)
 
 
+def test_a_swin_adapter_file_leaves_out_the_index_tables_the_foundation_rebuilds():
+    """Swin-UNETR's relative_position_index tables (int64, built from the window size) made a LoRA file of
+    73 k parameters weigh 7.5 MB; the file now holds what LoRA trains, and the foundation plus it rebuilds
+    the adapted network exactly."""
+    import copy
+    from safetensors.torch import load
+    from nnunet_fseft.sharing.adapter_file import safetensors_bytes, trained_tensors
+    method = METHODS["nnUNetTrainerFSEFT_LoRA"]
+    foundation = build("swin-unetr", "cpu_tiny").eval()
+    foundation.decoder.deep_supervision = False
+    net = method.adapt(copy.deepcopy(foundation))
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+    tensors = load(safetensors_bytes(trained_tensors(net), {}))
+    assert not any("relative_position_index" in n for n in tensors)
+    assert set(tensors) == {n for n, p in net.named_parameters() if p.requires_grad}  # Swin has no BatchNorm
+    rebuilt = method.adapt(copy.deepcopy(foundation))
+    with torch.no_grad():
+        for n, p in rebuilt.named_parameters():
+            if n in tensors:
+                p.copy_(tensors[n])
+        x = inputs("swin-unetr")
+        assert torch.equal(rebuilt(x), net(x))
+
+
 @pytest.mark.parametrize("arch,limit", [("mednext-s", 0.15), ("swin-unetr", 0.15)])
 def test_at_the_published_sizes_lora_and_the_conv_adapter_train_at_most_15_percent(arch, limit):
     for method in ("nnUNetTrainerFSEFT_LoRA", "nnUNetTrainerFSEFT_ConvAdapter", "nnUNetTrainerFSEFT_ConvAdapterParallel"):

@@ -18,6 +18,7 @@ Sized to finish in under 15 minutes on two CPU cores.
 import json
 import os
 import time
+from typing import Optional
 
 from nnunet_fseft.experiments.demo import Demo, check_demo_args
 from nnunet_fseft.plans import PLANS_NAME
@@ -97,20 +98,26 @@ def run_brats_demo(workdir: str, device: str = "cpu") -> dict:
     return result
 
 
-def train_brats_foundation(d: Demo, dataset_id: int, name: str, cases: int = 16, schedule=None):
+def train_brats_foundation(d: Demo, dataset_id: int, name: str, cases: int = 16, schedule=None,
+                           arch: Optional[str] = None):
     """A small region-based foundation on `cases` source-population cases, planned, preprocessed and
     trained (nnUNetTrainerFSEFT_Pretrain, `schedule` (epochs, iterations) or the demo's) unless it is
-    there already; (model folder, seconds)."""
+    there already, with nnU-Net's network or the preset's size of `arch` (plans.presets.ARCHITECTURES);
+    (model folder, seconds)."""
     from nnunet_fseft.datasets.synth_brats import synth_brats_dataset
-    from nnunet_fseft.plans.presets import apply_preset
+    from nnunet_fseft.plans.presets import apply_preset, preset_plans_name
     preset = "cpu_tiny" if d.device == "cpu" else "cpu_small"
+    plans_name = preset_plans_name("nnUNetPlans", arch, preset)
     folder = os.path.join(os.environ["nnUNet_results"], f"Dataset{dataset_id:03d}_{name}",
-                          f"nnUNetTrainerFSEFT_Pretrain__nnUNetPlans_{preset}__3d_fullres")
+                          f"nnUNetTrainerFSEFT_Pretrain__{plans_name}__3d_fullres")
     if os.path.isfile(os.path.join(folder, "fold_all", "checkpoint_final.pth")):
         return folder, 0.0
-    synth_brats_dataset(dataset_id, cases, seed=0, name=name, population="source", shape=(SHAPE,) * 3)
+    if not os.path.isdir(os.path.join(os.environ["nnUNet_raw"], f"Dataset{dataset_id:03d}_{name}")):
+        synth_brats_dataset(dataset_id, cases, seed=0, name=name, population="source", shape=(SHAPE,) * 3)
+    # planned again: a foundation of another network on the same scans, or an interrupted try
     d.run(["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", "3d_fullres", "-np", "2"])
-    plans = apply_preset(str(dataset_id), preset)
+    plans = apply_preset(str(dataset_id), preset, arch=arch)
+    assert plans == plans_name, plans
     schedule = schedule or SCHEDULES[d.device]["foundation"]
     seconds = d.train(dataset_id, "all", plans, "nnUNetTrainerFSEFT_Pretrain", schedule)
     return folder, seconds

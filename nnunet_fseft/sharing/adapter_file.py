@@ -24,12 +24,20 @@ METADATA_KEY = "nnunet_fseft"
 FORMAT = 1
 
 
+def saved_buffers(network: nn.Module) -> Dict[str, torch.Tensor]:
+    """The buffers an adapter file carries: every persistent one (Primus's rotary tables are not) that
+    training can change. BatchNorm statistics change even where their layer is frozen, and its step
+    counter is a scalar; integer tables of more than one value are built from the architecture alone
+    (Swin-UNETR's relative_position_index, 7 MB of LoRA's 7.5 MB file) and the foundation rebuilds them."""
+    saved = network.state_dict()
+    return {n: b for n, b in network.named_buffers()
+            if n in saved and (b.is_floating_point() or b.numel() == 1)}
+
+
 def trained_tensors(network: nn.Module) -> Dict[str, torch.Tensor]:
-    """The tensors a method trains (parameters with requires_grad) and every buffer: buffers
-    such as BatchNorm statistics change in training even where their layer is frozen, and are small."""
-    saved = network.state_dict()  # persistent buffers only (Primus's rotary tables are rebuilt)
+    """The tensors a method trains (parameters with requires_grad) and the buffers training changes."""
     tensors = {n: p for n, p in network.named_parameters() if p.requires_grad}
-    tensors.update({n: b for n, b in network.named_buffers() if n in saved})
+    tensors.update(saved_buffers(network))
     return {n: t.detach().cpu().contiguous() for n, t in tensors.items()}
 
 
