@@ -20,7 +20,8 @@ def cmd_env(args):
 
 def cmd_adopt(args):
     from nnunet_fseft.foundation.adopt import adopt
-    path, configuration = adopt(args.foundation, args.d, args.fold, args.checkpoint, args.plans_name, args.np)
+    path, configuration = adopt(args.foundation, args.d, args.fold, args.checkpoint, args.plans_name, args.np,
+                                args.keep_foundation_labels)
     print(f"Wrote {path}; fine-tune with: nnUNetv2_train {args.d} {configuration} FOLD -p {args.plans_name} "
           f"-tr nnUNetTrainerFSEFT_LoRA")
 
@@ -82,7 +83,8 @@ def cmd_benchmark(args):
     elif args.jobs != 1:
         raise InputError("--jobs needs --executor local or slurm.")
     result = benchmark(args.foundation, args.d, args.k, args.repeats, args.methods, args.test, args.o, args.fold,
-                       args.device, executor=executor, report_only=args.report_only)
+                       args.device, executor=executor, report_only=args.report_only,
+                       extend=args.keep_foundation_labels, reference=args.reference)
     if result.get("submitted"):
         return
     print(f"Wrote results.csv, per_case.csv, results.json, report.md and figures in {args.o}")
@@ -187,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-f", "--fold", dest="fold", default="all", help="fold of the foundation to use (default: all)")
     s.add_argument("-chk", "--checkpoint", dest="checkpoint", default="checkpoint_final.pth")
     s.add_argument("-d", required=True, help="target dataset id or name (in nnUNet_raw)")
+    s.add_argument("--keep-foundation-labels", action="store_true",
+                   help="extend the foundation: the model outputs its classes and the target's new labels, learnt "
+                        "from scans annotated only for those (number them after the foundation's values)")
     _plans_arg(s, "name of the plans to write (default FSEFTPlans; -p of nnUNetv2_train)")
     _processes_arg(s, "preprocessing")
     s.set_defaults(func=cmd_adopt)
@@ -290,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "TargetOnly, the target trained alone from scratch)")
     s.add_argument("--test", type=int, default=10, help="held-out cases, the same for every run")
     s.add_argument("-o", required=True, help="output folder (results.csv, results.json, report.md, figures)")
+    s.add_argument("--keep-foundation-labels", action="store_true",
+                   help="the target extends the foundation (adopt --keep-foundation-labels): every class is scored")
+    s.add_argument("--reference", help="folder of the held-out cases' full label maps to score against "
+                                       "(needed with --keep-foundation-labels; default labelsTr)")
     _device_arg(s)
     s.add_argument("--executor", choices=["none", "local", "slurm"], default="none",
                    help="none (default): the runs one after another in this process; local or slurm: one job per "

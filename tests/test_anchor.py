@@ -94,6 +94,34 @@ def test_the_voxels_the_label_loss_leaves_out_are_left_out(left_out, ignore_labe
     torch.testing.assert_close(penalty(slab, output), penalty(slab, other), atol=1e-6, rtol=0)
 
 
+def test_where_scans_label_only_some_classes_the_labels_override_the_anchor():
+    """Partial labels (a target extending its foundation): the anchor leaves out every labelled voxel, and
+    the background voxels a scan's annotated foundation class covers at the start (the label says they are
+    not that class); it holds the rest. Scan 0 annotates the known class 2, scan 1 only the new class 1."""
+    net, x, anchor = lora_anchor()
+    start = start_segmentation(net, anchor, x)  # 0: background or the new class, 1: the known class 2
+    perturb(net)
+    assert 0 < start.float().mean() < 1
+    y = torch.zeros(2, 1, 16, 16, 16)
+    y[:, :, 4:8] = 1  # the new class, labelled in both scans
+    anchor.annotated = torch.tensor([[True, True, True], [True, True, False]])
+    left_out = (y[:, 0] > 0) | ((start == 1) & torch.tensor([True, False])[:, None, None, None])
+    assert left_out.any() and (~left_out).any()
+
+    def penalty(output):
+        anchor.predict_start(net, x)
+        return anchor.penalty(output, [y, y[:, :, ::2, ::2, ::2]])
+
+    output = outputs(net, x)
+    noise = torch.randn_like(output[0])
+    changed_left_out = [torch.where(left_out[:, None], noise, output[0]), output[1]]
+    changed_held = [torch.where(left_out[:, None], output[0], noise), output[1]]
+    torch.testing.assert_close(penalty(changed_left_out), penalty(output), atol=1e-6, rtol=0)
+    assert abs(penalty(changed_held) - penalty(output)) > 1e-3
+    anchor.annotated = None  # every class labelled everywhere: the anchor holds every voxel again
+    assert abs(penalty(changed_left_out) - penalty(output)) > 1e-3
+
+
 def test_the_start_forward_leaves_batchnorm_statistics_as_they_were():
     net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.BatchNorm3d(4), torch.nn.Conv3d(4, 3, 1))
     net[0].weight.requires_grad_(False)

@@ -43,6 +43,23 @@ def test_the_loss_is_nnunets_when_every_class_is_annotated(batch_dice):
 
 
 @pytest.mark.parametrize("batch_dice", [False, True])
+def test_voxels_outside_the_volume_are_left_out(batch_dice):
+    """-1 (outside the volume, in a black-box method's cached-feature patches): with every class annotated
+    the loss is nnU-Net's with ignore label -1, whatever the logits there."""
+    logits, target = batch(seed=3)
+    target[:, :, :2] = -1
+    every = annotated_mask([[1, 2, 3]] * 2, 4)
+    theirs = DC_and_CE_loss({"batch_dice": batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
+                            weight_ce=1, weight_dice=1, ignore_label=-1,
+                            dice_class=MemoryEfficientSoftDiceLoss)(logits, target)
+    ours = PartialLabelLoss(batch_dice)(logits, target, every)
+    assert torch.allclose(ours, theirs, atol=1e-6), (ours, theirs)
+    changed = logits.clone()
+    changed[:, :, :2] = 100 * torch.randn_like(changed[:, :, :2])
+    assert torch.allclose(PartialLabelLoss(batch_dice)(changed, target, every), ours, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch_dice", [False, True])
 def test_an_unannotated_class_is_not_pushed_towards_background(batch_dice):
     """Case 0 does not annotate class 2 (its label map has only 0, 1, 3); case 1 annotates everything,
     so class 2's Dice is live in the batch. On case 0's background voxels, moving probability from
@@ -185,3 +202,47 @@ def test_a_pooled_dataset_needs_consistent_annotations(tmp_path, monkeypatch):
     (tmp_path / "annotations.json").write_text(json.dumps(annotations))
     with pytest.raises(InputError, match="case A_1 does not annotate what its source A does"):
         find_annotations(marked, "Dataset1_X", str(tmp_path))
+
+
+def test_a_target_whose_scans_label_only_some_classes_trains_with_the_partial_label_loss(tmp_path, monkeypatch):
+    """Every method's trainer (here LoRA) on a target whose dataset.json names an annotations file:
+    each case's loss counts only the classes it annotates (the masks follow the batch's keys), a
+    transductive method refuses (its size prior would read a left-out organ as absent), and without
+    the file the loss is nnU-Net's."""
+    import copy
+    import json
+    from networks import plans_manager
+    from nnunet_fseft.trainers import METHODS
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
+    raw = tmp_path / "raw" / "Dataset999_Tiny"
+    raw.mkdir(parents=True)
+    annotations = {"sources": {"liver only": {"annotated": [1]}, "both": {"annotated": [1, 2]}},
+                   "cases": {"a": {"source": "liver only", "annotated": [1]}, "b": {"source": "both", "annotated": [1, 2]}}}
+    (raw / "annotations.json").write_text(json.dumps(annotations))
+    labels = {"background": 0, "liver": 1, "spleen": 2}
+    dataset_json = {"channel_names": {"0": "CT"}, "labels": labels, "numTraining": 2, "file_ending": ".nii.gz",
+                    "fseft_annotations": "annotations.json"}
+    plans = {**copy.deepcopy(plans_manager("plain").plans), "continue_training": False}
+
+    def trainer(method, meta):
+        t = METHODS[method](copy.deepcopy(plans), "3d_fullres", 0, meta, torch.device("cpu"))
+        t.network = t.build_network_architecture(t.plans_manager, t.configuration_manager, 1, 3)
+        t.loss = t._build_loss()
+        t.optimizer, t.lr_scheduler = t.configure_optimizers()
+        return t
+
+    lora = trainer("nnUNetTrainerFSEFT_LoRA", dataset_json)
+    assert isinstance(lora.loss, DeepSupervisionWrapper) and isinstance(lora.loss.loss, PartialLabelLoss)
+    torch.manual_seed(0)
+    data = torch.randn(2, 1, 16, 16, 16)
+    target = [torch.randint(0, 3, (2, 1, 16, 16, 16)).float(), torch.randint(0, 3, (2, 1, 8, 8, 8)).float()]
+    for keys in (["a", "b"], ["b", "a"]):
+        step = lora.train_step({"data": data, "target": target, "keys": keys})
+        assert np.isfinite(step["loss"])
+        assert lora.partial_loss.annotated.tolist() == [[True, True, k == "b"] for k in keys]
+    with pytest.raises(InputError, match="size priors need every class labelled in every support scan"):
+        METHODS["nnUNetTrainerFSEFT_LinearProbeTI"](copy.deepcopy(plans), "3d_fullres", 0, dataset_json,
+                                                    torch.device("cpu"))
+    plain = trainer("nnUNetTrainerFSEFT_LoRA", {k: v for k, v in dataset_json.items() if k != "fseft_annotations"})
+    assert not isinstance(plain.loss.loss, PartialLabelLoss)

@@ -18,6 +18,7 @@ import socket
 import torch
 
 from nnunet_fseft.datasets.dataset_json import channels, dataset_name, read_dataset_json, read_json
+from nnunet_fseft.foundation.extend import describe as describe_extension, extended_target, restore, write_extended
 from nnunet_fseft.foundation.labels import mixed_outputs
 from nnunet_fseft.datasets.safe_write import backup_name, save_json_kept
 from nnunet_fseft.environment import require_env
@@ -89,8 +90,10 @@ def check_channels(foundation_json: dict, target_json: dict, target: str) -> Non
 
 
 def adopt(foundation: str, target: str, fold: str = "all", checkpoint: str = "checkpoint_final.pth",
-          plans_name: str = PLANS_NAME, num_processes: int = 2):
-    """Returns (plans file written for the target, the foundation's configuration)."""
+          plans_name: str = PLANS_NAME, num_processes: int = 2, keep_foundation_labels: bool = False):
+    """Returns (plans file written for the target, the foundation's configuration). With
+    `keep_foundation_labels` the target extends the foundation (foundation/extend.py): the model
+    outputs the foundation's classes and the target's new labels."""
     raw, preprocessed = require_env("nnUNet_raw"), require_env("nnUNet_preprocessed")
     check_plans_name(plans_name)
     name = dataset_name(target)
@@ -104,6 +107,9 @@ def adopt(foundation: str, target: str, fold: str = "all", checkpoint: str = "ch
     check_finite(weights, ckpt_path)
     plans = read_json(os.path.join(foundation, "plans.json"), "pass a model folder as nnUNetv2_train wrote it")
     check_architecture(plans, configuration, weights, trainer)
+    extended = None
+    if keep_foundation_labels:  # its checks read every label file: still before anything is written
+        extended, annotations = extended_target(os.path.join(raw, name), target_json, foundation_json, name)
     plans_file = os.path.join(preprocessed, name, plans_name + ".json")
     _refuse_foreign_plans(plans_file, plans_name)
     source_dataset = plans["dataset_name"]
@@ -126,7 +132,9 @@ def adopt(foundation: str, target: str, fold: str = "all", checkpoint: str = "ch
         # how its sigmoid outputs become a label map (region-based foundations only; None otherwise)
         "regions_class_order": foundation_json.get("regions_class_order"),
         # the grouped head's rows per target channel (nnunet_fseft/network/grouped_head.py); None for regions
-        "head_rows": head_groups(target_json["labels"], foundation_json["labels"]),
+        "head_rows": head_groups((extended or target_json)["labels"], foundation_json["labels"]),
+        # the target extends the foundation: its classes and the target's new labels (foundation/extend.py)
+        "extends": extended is not None,
         # the axes the foundation was trained to be mirror-invariant along (None: trained without
         # mirroring); adaptation augments and predicts along these alone
         "mirror_axes": _mirror_axes(ckpt),
@@ -136,7 +144,16 @@ def adopt(foundation: str, target: str, fold: str = "all", checkpoint: str = "ch
         print(f"Note: {mixed}, so no output starts from the foundation's: every method trains a new head, and "
               f"zeroshot has nothing to predict; write both label sets alike (e.g. as BraTS's regions) for a "
               f"zero-shot start.", flush=True)
-    _preprocess_then_swap(name, plans, plans_file, configuration, num_processes)
+    if extended is None:
+        _preprocess_then_swap(name, plans, plans_file, configuration, num_processes)
+        return plans_file, configuration
+    print(describe_extension(extended, annotations), flush=True)
+    written = write_extended(os.path.join(raw, name), extended, annotations)  # nnU-Net reads them in raw
+    try:
+        _preprocess_then_swap(name, plans, plans_file, configuration, num_processes)
+    except BaseException:
+        restore(written)
+        raise
     return plans_file, configuration
 
 

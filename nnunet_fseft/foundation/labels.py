@@ -101,3 +101,50 @@ def describe_matches(target: Dict[str, object], matches) -> str:
     what = "regions (sigmoid channels) matched to foundation regions" if has_regions(target) else \
         "labels matched to foundation classes"
     return f"{what}: {text}; new: {', '.join(repr(u) for u in unmatched) or 'none'}"
+
+
+def extend_labels(target: Dict[str, object], foundation: Dict[str, object], target_name: str = "the target"):
+    """The labels of a target that extends its foundation (`adopt --keep-foundation-labels`): every
+    foundation class at its own value, then the target's new labels; returns (union, annotated values).
+
+    The target numbers its labels in that union: a label named as a foundation class (by canonical
+    name) annotates that class and must have its value; every other label is new and takes the values
+    after the foundation's, in order, with none left out (nnU-Net needs consecutive values)."""
+    from nnunet_fseft.errors import InputError
+    if has_regions(target) or has_regions(foundation):
+        raise InputError(f"Extending a region-based foundation or target is not supported yet; adopt {target_name} "
+                         f"without --keep-foundation-labels to adapt its regions.")
+    known = {}
+    for name, value in plain_labels(foundation).items():
+        if value != 0:
+            known.setdefault(canonical(name), (name, value))
+    first = max(plain_labels(foundation).values()) + 1
+    union = dict(sorted(plain_labels(foundation).items(), key=lambda kv: kv[1]))
+    annotated, new = [], []
+    for name, value in sorted(plain_labels(target).items(), key=lambda kv: kv[1]):
+        if value == 0:
+            continue
+        if canonical(name) in known:
+            f_name, f_value = known[canonical(name)]
+            if value != f_value:
+                raise InputError(f"{target_name} labels '{name}' as {value}, but it is the foundation's '{f_name}' "
+                                 f"({f_value}), not a new label; give it the value {f_value} to annotate that class, "
+                                 f"or adopt without --keep-foundation-labels to adapt it alone.")
+            annotated.append(value)
+            continue
+        if value < first:
+            f_name = next(n for n, v in union.items() if v == value)
+            raise InputError(f"{target_name}'s new label '{name}' has the value {value}, which is the foundation's "
+                             f"'{f_name}'; number new labels from {first} on (the foundation keeps 0-{first - 1}), "
+                             f"in dataset.json and in the label files.")
+        new.append((name, value))
+    expected = list(range(first, first + len(new)))
+    if [v for _, v in new] != expected:
+        raise InputError(f"{target_name}'s new labels {[n for n, _ in new]} have the values {[v for _, v in new]}; "
+                         f"give them {expected} (after the foundation's 0-{first - 1}, none left out), in "
+                         f"dataset.json and in the label files.")
+    if not new:
+        raise InputError(f"{target_name} names no label the foundation lacks, so there is nothing to extend it "
+                         f"with; adopt it without --keep-foundation-labels to adapt the foundation's classes.")
+    union.update(dict(new))
+    return union, sorted(annotated + expected)

@@ -39,9 +39,11 @@ def held_out_cases(name: str, fold: int) -> list:
 
 
 def zeroshot(dataset: str, plans_name: str = PLANS_NAME, fold: int = 0, out: str = None, device: str = "cpu",
-             mirroring: bool = True, num_processes: int = 2):
+             mirroring: bool = True, num_processes: int = 2, reference: str = None):
     """Returns ({target label name: mean Dice over the held-out cases}, OUT); writes the predictions
-    and nnU-Net's summary.json to OUT (default nnUNet_results/DATASET/fseft_zeroshot__PLANS__CONFIG)."""
+    and nnU-Net's summary.json to OUT (default nnUNet_results/DATASET/fseft_zeroshot__PLANS__CONFIG).
+    `reference`: a folder of the held-out cases' label maps to score against instead of labelsTr (a
+    target that extends its foundation labels only its new structures there)."""
     import torch
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -116,7 +118,7 @@ def zeroshot(dataset: str, plans_name: str = PLANS_NAME, fold: int = 0, out: str
             seg, properties = io.read_seg(os.path.join(raw_out, c + ending))
             io.write_seg(lookup[seg[0].astype(np.int64)], os.path.join(final, c + ending), properties)
         scored = [t for _, t, _, _ in matches]
-    labels_folder = os.path.dirname(cases[held_out[0]]["label"])
+    labels_folder = reference or os.path.dirname(cases[held_out[0]]["label"])
     summary = compute_metrics_on_folder(labels_folder, final, os.path.join(out, "summary.json"), io, ending, scored,
                                         ignore_label=pm.get_label_manager(dataset_json).ignore_label,
                                         num_processes=num_processes)

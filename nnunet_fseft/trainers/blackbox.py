@@ -78,6 +78,10 @@ class nnUNetTrainerFSEFT_BlackBox(nnUNetTrainerFSEFT):
             self.gpu_data = False
             self.print_to_log_file(f"nnUNet_fseft_gpu_data=1 does not apply to {self.__class__.__name__}, which trains "
                                    f"on cached features: their patches are cut and augmented on the CPU")
+        if self.transductive and self.annotations is not None:
+            raise InputError(f"{self.__class__.__name__}: size priors need every class labelled in every support "
+                             f"scan, and this dataset's annotations file says some scans leave classes out; use "
+                             f"{self.__class__.__name__[:-2]} instead.")
         self.store = self.query_store = self.size_prior = None
         self.query_files = []
 
@@ -174,7 +178,8 @@ class nnUNetTrainerFSEFT_BlackBox(nnUNetTrainerFSEFT):
 
     def _build_loss(self):
         loss = super()._build_loss()
-        if self.features == "cached" and self._outside_label() == -1:
+        # PartialLabelLoss (partially annotated scans) always leaves -1 out
+        if self.features == "cached" and self._outside_label() == -1 and self.annotations is None:
             inner = getattr(loss, "loss", loss)  # inside nnU-Net's deep-supervision wrapper, if any
             inner.ignore_label = -1
             inner.ce.ignore_index = -1

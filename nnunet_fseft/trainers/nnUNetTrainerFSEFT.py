@@ -28,6 +28,7 @@ from nnunet_fseft.network.head_init import label_crops, pretrained_head, start_h
 from nnunet_fseft.network.parameters import count_parameters, freeze
 from nnunet_fseft.training.anchor import ANCHOR_FILE, AnchoredLoss, anchor_for_training
 from nnunet_fseft.training.gpu_data.loader import device_dataloaders
+from nnunet_fseft.training.partial_labels import PartialLabelTraining
 from nnunet_fseft.training.schedule import (WarmupCosine, adamw_poly, describe_schedule, diverged, few_shot_schedule,
                                             plateaued, set_schedule)
 from nnunet_fseft.training.settings import check_settings
@@ -38,7 +39,9 @@ class _Plateau(Exception):
     """The train loss stopped improving (nnU-Net's loop has no way out but its last epoch)."""
 
 
-class nnUNetTrainerFSEFT(nnUNetTrainer):
+class nnUNetTrainerFSEFT(PartialLabelTraining, nnUNetTrainer):
+    # PartialLabelTraining: a target whose dataset.json names an annotations file (scans that label only some
+    # classes) trains with the partial-label loss; the zero-shot anchor then holds the classes a scan leaves out
     tuner = None  # method name in nnunet_fseft.tuners.registry.TUNERS; None adds no adapters
     trainable = ("all",)  # parameter groups it trains (nnunet_fseft.network.parameters.parameter_groups)
 
@@ -266,6 +269,12 @@ class nnUNetTrainerFSEFT(nnUNetTrainer):
                 self.anchor.predict_start(self.network, data)
             batch = {**batch, "data": data}
         return super().train_step(batch)
+
+    def _annotated(self, keys):
+        mask = super()._annotated(keys)
+        if self.anchor is not None:
+            self.anchor.annotated = mask
+        return mask
 
     @property
     def anchor_file(self) -> str:

@@ -69,6 +69,10 @@ class ZeroShotAnchor:
         self.output_weights = list(output_weights)
         self.ignore_label = ignore_label
         self._targets = None
+        # (batch, target channels) bool, set per batch by a trainer whose scans label only some classes
+        # (training/partial_labels.py): then the labels override the anchor (see penalty); None: every
+        # class is labelled in every scan, and the anchor holds every voxel
+        self.annotated: Optional[torch.Tensor] = None
 
     @torch.no_grad()
     def predict_start(self, forward: Callable, data: torch.Tensor) -> None:
@@ -111,10 +115,21 @@ class ZeroShotAnchor:
             mask = None  # no data-dependent branch: no device sync per step
             if y is not None:
                 mask = (y >= 0) if self.ignore_label is None else (y >= 0) & (y != self.ignore_label)
+                if self.annotated is not None:
+                    mask = mask & self._unlabelled(y, t)
                 t = torch.where(mask[:, 0], t, -1)
             dice = self.dice(log_p.exp(), t.clamp(min=0)[:, None], loss_mask=None if mask is None else mask.float())
             total = total + w * (F.nll_loss(log_p, t, ignore_index=-1) + dice)
         return self.weight * total
+
+    def _unlabelled(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Where partial labels leave the anchor a say: background voxels (label 0) whose start class is
+        not one this scan annotates. A labelled voxel, and a background voxel the start calls an annotated
+        class, are the labels' (they say what it is, or what it is not); (b, 1, ...) bool."""
+        known = [g[0] for g in self.groups[1:]]
+        annotated = torch.cat([torch.zeros_like(self.annotated[:, :1]), self.annotated[:, known]], 1)  # per group
+        start_annotated = annotated.gather(1, t.flatten(1)).view_as(t)
+        return ((y[:, 0] == 0) & ~start_annotated)[:, None]
 
 
 class AnchoredLoss(nn.Module):

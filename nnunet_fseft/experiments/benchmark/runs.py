@@ -44,7 +44,7 @@ from nnunet_fseft.runner import CommandFailed, quiet, run
 
 def benchmark(foundation: str, dataset: str, ks: List[Union[int, str]], repeats: int, methods: List[str], test: int,
               out: str, fold: str = "all", device: str = "cpu", base_organs: bool = False,
-              executor=None, report_only: bool = False) -> dict:
+              executor=None, report_only: bool = False, extend: bool = False, reference: Optional[str] = None) -> dict:
     """Trains, predicts and scores every run not done yet; writes results.csv, results.json, report.md
     and figures in OUT. The schedule is the trainers' own, or nnUNet_fseft_epochs / _iters_per_epoch.
     Every check (methods, device, dataset, K, foundation, the folder OUT) comes before any work.
@@ -53,7 +53,12 @@ def benchmark(foundation: str, dataset: str, ks: List[Union[int, str]], repeats:
     warning in the report. A K of "all" is every case outside the held-out set.
     `executor` (jobs.Executor): every run is a job of its own, locally or on SLURM (jobs.py), not a
     step of this process. `report_only`: nothing is trained; the report is written from the runs
-    finished so far (also while another call is running the others)."""
+    finished so far (also while another call is running the others).
+    `extend`: the target extends its foundation (adopted with --keep-foundation-labels: its scans label
+    only the new structures), so every run outputs the foundation's classes too and is scored on all of
+    them against `reference`, a folder of the held-out cases' full label maps (also the zero-shot row's);
+    the separate K-shot model to compare the new labels with is this benchmark on a dataset of the same
+    scans labelled only for them."""
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
     from nnunet_fseft.foundation.adopt import foundation_checkpoint
     from nnunet_fseft.datasets.dataset_json import read_dataset_json
@@ -74,19 +79,39 @@ def benchmark(foundation: str, dataset: str, ks: List[Union[int, str]], repeats:
         raw, read_dataset_json(os.path.join(raw, "dataset.json"))).items()}
     ks = [parse_k(k, len(images), test) for k in ks]
     splits = folds(sorted(set(ks)), repeats, sorted(images), test)  # checks K + test <= cases first
+    reference = check_reference(reference, extend, splits[0]["val"], raw)
     checkpoint = foundation_checkpoint(foundation, fold, "checkpoint_final.pth")
     identity = {"dataset": name, "foundation_sha256": sha256(checkpoint), "schedule": schedule_overrides(),
                 "held_out": splits[0]["val"]}
+    if extend:  # (only then, so that the folders of earlier benchmarks stay theirs)
+        identity.update({"extends_foundation": True, "reference": reference})
     folder = OutputFolder(out, identity)  # refuses another benchmark's folder
     if report_only:
         return _report_only(folder, name, raw, ks, repeats, trainers, splits, images, device)
     with folder.running():  # refuses a second call running in OUT
         return _claim_and_run(folder, foundation, fold, name, raw, images, ks, repeats, trainers, splits, device,
-                              base_organs, executor, test)
+                              base_organs, executor, test, extend, reference)
+
+
+def check_reference(reference: Optional[str], extend: bool, held_out: list, raw: str) -> str:
+    """The folder the runs are scored against: `reference` (every held-out case's label map in it), or
+    the dataset's labelsTr; an extending target's labelsTr holds only its new labels, so it needs one."""
+    if reference is None:
+        if extend:
+            raise InputError("An extending target's scans label only its new structures, so scoring the "
+                             "foundation's classes needs the held-out scans' full label maps; pass --reference FOLDER.")
+        return os.path.join(raw, "labelsTr")
+    from nnunet_fseft.datasets.dataset_json import read_dataset_json
+    ending = read_dataset_json(os.path.join(raw, "dataset.json"))["file_ending"]
+    missing = [c for c in held_out if not os.path.isfile(os.path.join(reference, c + ending))]
+    if missing:
+        raise InputError(f"--reference {reference} has no label map {missing[0]}{ending} (held-out case); give a "
+                         f"folder with one per held-out case, named as in labelsTr.")
+    return os.path.abspath(reference)
 
 
 def _claim_and_run(folder: OutputFolder, foundation, fold, name, raw, images, ks, repeats, trainers, splits, device,
-                   base_organs, executor, test) -> dict:
+                   base_organs, executor, test, extend=False, reference=None) -> dict:
     out = folder.path
     backups = folder.claim()
     if folder.legacy:
@@ -101,7 +126,7 @@ def _claim_and_run(folder: OutputFolder, foundation, fold, name, raw, images, ks
             print(f"Warning: {warning}")
     try:
         return _run_all(folder, foundation, fold, name, raw, images, ks, repeats, trainers, splits, device,
-                        base_organs, executor)
+                        base_organs, executor, extend, reference)
     finally:
         restored = folder.tidy()
         if restored:
@@ -137,7 +162,8 @@ def _report_only(folder: OutputFolder, name: str, raw: str, ks: list, repeats: i
 
 
 def _run_all(folder: OutputFolder, foundation: str, fold: str, name: str, raw: str, images: dict, ks: list,
-             repeats: int, trainers: dict, splits: list, device: str, base_organs: bool, executor=None) -> dict:
+             repeats: int, trainers: dict, splits: list, device: str, base_organs: bool, executor=None,
+             extend: bool = False, reference: Optional[str] = None) -> dict:
     from nnunet_fseft.foundation.adopt import adopt
     from nnunet_fseft.sharing.costs import method_costs
     from nnunet_fseft.datasets.dataset_json import read_json
@@ -150,10 +176,10 @@ def _run_all(folder: OutputFolder, foundation: str, fold: str, name: str, raw: s
     recorded = {}
     if os.path.isfile(plans_file):
         recorded = read_json(plans_file, "remove it, and the benchmark adopts the foundation again").get(PLANS_KEY, {})
-    if recorded.get("sha256") != folder.identity["foundation_sha256"]:
-        print(f"adopting {foundation} for {name}", flush=True)
+    if recorded.get("sha256") != folder.identity["foundation_sha256"] or bool(recorded.get("extends")) != extend:
+        print(f"adopting {foundation} for {name}{' (extending it)' if extend else ''}", flush=True)
         with quiet(folder.log):
-            adopt(foundation, name, fold)
+            adopt(foundation, name, fold, keep_foundation_labels=extend)
     save_json_kept(splits, os.path.join(preprocessed, name, "splits_final.json"))
 
     plans, dataset_json = load_plans(name, PLANS_NAME)
@@ -169,9 +195,10 @@ def _run_all(folder: OutputFolder, foundation: str, fold: str, name: str, raw: s
                 "env": run_env(trainers[m], device, held_out), "held_out": held_out,
                 "fold_dir": os.path.join(results_root, name, f"{trainer}__{PLANS_NAME}__{configuration}", f"fold_{f}"),
                 "predictions": os.path.join(folder.path, "predictions", m, f"K{k}", f"repeat{r}"),
-                "log": folder.log, "cost": costs.get(trainer, {}), "plans": plans, "dataset_json": dataset_json}
+                "log": folder.log, "cost": costs.get(trainer, {}), "plans": plans, "dataset_json": dataset_json,
+                "reference": reference or os.path.join(raw, "labelsTr")}
 
-    zero = zero_shot_scores(folder, name, plans, dataset_json, device)  # first: it can void a base-organ task
+    zero = zero_shot_scores(folder, name, plans, dataset_json, device, reference=reference)  # first: it can void a base-organ task
     unlearned = unlearned_labels(zero)
     if base_organs and (not zero or unlearned):
         why = f"the foundation {unlearned}" if zero else "the foundation knows none of its labels"
@@ -295,7 +322,8 @@ def train_and_score(spec: dict) -> dict:
     pred = spec["predictions"]
     run(["nnUNetv2_predict", "-i", spec["held_out"], "-o", pred, "-d", name, "-c", configuration, "-f", fold,
          "-p", PLANS_NAME, "-tr", trainer, "-device", device, "--disable_tta"], log=log, env=spec["env"])
-    per_label, per_case = evaluate(os.path.join(spec["raw"], "labelsTr"), pred, spec["plans"], spec["dataset_json"])
+    reference = spec.get("reference") or os.path.join(spec["raw"], "labelsTr")  # (jobs submitted before it existed)
+    per_label, per_case = evaluate(reference, pred, spec["plans"], spec["dataset_json"])
     cost = spec["cost"]
     return {"wall_s": round(wall, 1), "peak_gpu_mib": _peak_gpu(train_log), "peak_host_mib": round(peak_host, 1),
             "trainable": cost.get("trainable"), "total": cost.get("total"), "adapter_bytes": cost.get("file_bytes"),
@@ -372,7 +400,7 @@ def scores(summary: dict, labels: dict, file_ending: str):
 
 
 def zero_shot_scores(folder: OutputFolder, name: str, plans: dict, dataset_json: dict, device: str,
-                     compute: bool = True) -> Optional[dict]:
+                     compute: bool = True, reference: Optional[str] = None) -> Optional[dict]:
     """The foundation alone on the same held-out cases, for the labels it knows (zero_shot.json);
     None, and no zero-shot row, when it knows none of them (or, not `compute`, when zero_shot.json
     is not there). Any other error is raised, and nothing is written: the next benchmark run
@@ -399,7 +427,8 @@ def zero_shot_scores(folder: OutputFolder, name: str, plans: dict, dataset_json:
     if not compute:
         return None
     with quiet(folder.log):
-        dice, _ = zeroshot(name, PLANS_NAME, 0, os.path.join(folder.path, "predictions", "zero_shot"), device, False)
+        dice, _ = zeroshot(name, PLANS_NAME, 0, os.path.join(folder.path, "predictions", "zero_shot"), device, False,
+                           reference=reference)
     if device == "cuda":  # it runs before the trainings now: leave them the GPU memory it cached
         import torch
         torch.cuda.empty_cache()
