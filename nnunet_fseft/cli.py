@@ -156,7 +156,8 @@ def cmd_merge(args):
 
 def cmd_zeroshot(args):
     from nnunet_fseft.foundation.zeroshot import zeroshot
-    dice, out = zeroshot(args.d, args.plans_name, args.f, args.o, args.device, not args.disable_tta, args.np)
+    dice, out = zeroshot(args.d, args.plans_name, args.f, args.o, args.device, not args.disable_tta, args.np,
+                         args.reference)
     print(f"Zero-shot (K = 0) Dice of the foundation on the held-out cases (nnU-Net's summary.json in {out}):")
     for label, value in dice.items():
         print(f"  {label:<30} {value:.4f}")
@@ -280,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     _device_arg(s)
     s.add_argument("--disable_tta", action="store_true", help="no test-time mirroring (faster)")
     _processes_arg(s, "evaluation")
+    s.add_argument("--reference", help="folder of the held-out cases' label maps to score against (default labelsTr; "
+                                       "needed for a target adopted with --keep-foundation-labels)")
     s.set_defaults(func=cmd_zeroshot)
 
     s = sub.add_parser("benchmark", help="the FSEFT protocol: every method x K x repeat trained, predicted and scored")

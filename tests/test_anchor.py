@@ -173,3 +173,16 @@ def test_no_anchor_for_new_organs_only_or_a_weight_of_zero(known, weight, tmp_pa
     loss = trainer.loss
     trainer.start_anchor()
     assert trainer.anchor is None and trainer.loss is loss
+
+
+@pytest.mark.parametrize("known, weight", [([0], 1.0), ([0, 1, 2], 0.0)])
+def test_an_extending_target_without_the_anchor_is_refused_before_training(known, weight, tmp_path, monkeypatch):
+    """Its scans annotate only the new labels: without the anchor nothing would hold the foundation's classes."""
+    from nnunet_fseft.errors import InputError
+    from test_methods import one_sentence
+    trainer = trainer_at(tmp_path, monkeypatch, 0)
+    trainer.known_labels, trainer.anchor_weight = known, weight
+    trainer.foundation = {"extends": True}
+    with pytest.raises(InputError, match="would lose the foundation's classes") as e:
+        trainer.start_anchor()
+    assert one_sentence(str(e.value))

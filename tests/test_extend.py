@@ -67,7 +67,7 @@ def extend_target(workspace, foundation):
     return raw
 
 
-def test_adopt_writes_the_union_and_what_the_scans_annotate_keeping_the_users_file(extend_target):
+def test_adopt_writes_the_union_and_what_the_scans_annotate_keeping_the_users_file(foundation, extend_target):
     raw = extend_target
     meta = json.loads((raw / "dataset.json").read_text())
     assert meta["labels"] == {**FOUNDATION_LABELS, "pancreas": 5}
@@ -75,6 +75,11 @@ def test_adopt_writes_the_union_and_what_the_scans_annotate_keeping_the_users_fi
     assert len(backups) == 1 and json.loads((raw / backups[0]).read_text())["labels"] == {"background": 0, "pancreas": 5}
     annotations = json.loads((raw / meta["fseft_annotations"]).read_text())
     assert {c: a["annotated"] for c, a in annotations["cases"].items()} == {f"Extend_{i:03d}": [5] for i in range(4)}
+    # labelsTr holds only the pancreas: zero-shot scores need the full maps
+    fails_with(["nnunet-fseft", "zeroshot", "-d", EXTEND_ID], "pass --reference with full label maps")
+    # a plain adopt of the extended dataset would train the union as fully labelled
+    fails_with(["nnunet-fseft", "adopt", "--foundation", foundation, "-d", EXTEND_ID, "--plans-name", "Other"],
+               "pass --keep-foundation-labels again, or put back your own dataset.json")
 
 
 def test_an_extended_model_predicts_every_class_in_one_label_map_and_merges(workspace, foundation, extend_target,
@@ -132,6 +137,11 @@ def test_targets_that_do_not_say_what_they_annotate_are_refused_before_anything_
     fails_with(["nnunet-fseft", "adopt", "--foundation", foundation, "-d", "521", "--keep-foundation-labels"],
                "it is the foundation's 'liver' (1), not a new label")
     assert (tree(raw), tree(workspace / "nnUNet_preprocessed")) == before
+    (folder / "dataset.json").write_text(json.dumps({**meta, "labels": {"background": 0, "spleen": 2, "pancreas": 5}}))
+    before = tree(raw), tree(workspace / "nnUNet_preprocessed")
+    fails_with(["nnunet-fseft", "adopt", "--foundation", foundation, "-d", "521", "--keep-foundation-labels"],
+               "names the foundation's class 'spleen' (2) but no scan labels it")
+    assert (tree(raw), tree(workspace / "nnUNet_preprocessed")) == before
     # the spleen (2) labelled in the first scan only
     _write_labels(folder / "labelsTr", lambda i, a: np.where((i == 0) & (a == 0) & (np.arange(a.size).reshape(a.shape)
                                                                                    < 50), 2, a).astype(a.dtype))
@@ -148,6 +158,8 @@ def test_the_benchmark_scores_an_extending_target_on_every_class(workspace, foun
     args = ["nnunet-fseft", "benchmark", "--foundation", foundation, "-d", EXTEND_ID, "-k", "1", "--repeats", "1",
             "--test", "2", "--methods", "Start", "--keep-foundation-labels"]
     fails_with([*args, "-o", tmp_path / "refused"], "pass --reference FOLDER")
+    fails_with([*args[:-2], "TargetOnly", "--keep-foundation-labels", "-o", tmp_path / "refused"],
+               "TargetOnly cannot extend a foundation")
     assert not (tmp_path / "refused").exists()
     run([*args, "-o", tmp_path / "bench", "--reference", workspace / "extend_reference"], env=TRAIN_ENV_NO_VALIDATION)
     row = json.loads((tmp_path / "bench" / "runs.jsonl").read_text().splitlines()[-1])

@@ -195,7 +195,7 @@ def test_a_pooled_dataset_needs_consistent_annotations(tmp_path, monkeypatch):
     monkeypatch.delenv("nnUNet_raw", raising=False)
     marked = {"fseft_annotations": "annotations.json"}
     assert find_annotations({}, "Dataset1_X", str(tmp_path)) is None  # not pooled: plain nnU-Net training
-    with pytest.raises(InputError, match="was pooled by nnunet-fseft combine but its annotations.json"):
+    with pytest.raises(InputError, match="names the annotations file annotations.json"):
         find_annotations(marked, "Dataset1_X", str(tmp_path))
     annotations = {"sources": {"A": {"annotated": [1, 2]}},
                    "cases": {"A_0": {"source": "A", "annotated": [1, 2]}, "A_1": {"source": "A", "annotated": [1]}}}

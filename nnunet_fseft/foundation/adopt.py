@@ -18,7 +18,8 @@ import socket
 import torch
 
 from nnunet_fseft.datasets.dataset_json import channels, dataset_name, read_dataset_json, read_json
-from nnunet_fseft.foundation.extend import describe as describe_extension, extended_target, restore, write_extended
+from nnunet_fseft.foundation.extend import (EXTENDS_KEY, describe as describe_extension, extended_target, restore,
+                                            write_extended)
 from nnunet_fseft.foundation.labels import mixed_outputs
 from nnunet_fseft.datasets.safe_write import backup_name, save_json_kept
 from nnunet_fseft.environment import require_env
@@ -110,6 +111,10 @@ def adopt(foundation: str, target: str, fold: str = "all", checkpoint: str = "ch
     extended = None
     if keep_foundation_labels:  # its checks read every label file: still before anything is written
         extended, annotations = extended_target(os.path.join(raw, name), target_json, foundation_json, name)
+    elif EXTENDS_KEY in target_json:
+        raise InputError(f"{name}'s dataset.json holds the union of labels an earlier adopt --keep-foundation-labels "
+                         f"wrote; pass --keep-foundation-labels again, or put back your own dataset.json (the "
+                         f"dataset.json.bak-* it kept) to adapt the foundation without extending it.")
     plans_file = os.path.join(preprocessed, name, plans_name + ".json")
     _refuse_foreign_plans(plans_file, plans_name)
     source_dataset = plans["dataset_name"]
@@ -148,8 +153,9 @@ def adopt(foundation: str, target: str, fold: str = "all", checkpoint: str = "ch
         _preprocess_then_swap(name, plans, plans_file, configuration, num_processes)
         return plans_file, configuration
     print(describe_extension(extended, annotations), flush=True)
-    written = write_extended(os.path.join(raw, name), extended, annotations)  # nnU-Net reads them in raw
+    written = []
     try:
+        write_extended(os.path.join(raw, name), extended, annotations, written)  # nnU-Net reads them in raw
         _preprocess_then_swap(name, plans, plans_file, configuration, num_processes)
     except BaseException:
         restore(written)

@@ -22,9 +22,17 @@ ANNOTATIONS = "annotations.json"
 SOURCE = "target"
 
 
-def own_labels(target_json: dict) -> dict:
-    """The labels the user wrote for the target: after an earlier extending adopt, the recorded ones."""
-    return target_json[EXTENDS_KEY]["labels"] if EXTENDS_KEY in target_json else target_json["labels"]
+def own_labels(target_json: dict, foundation_json: dict, name: str) -> dict:
+    """The labels the user wrote for the target: after an earlier extending adopt, the recorded ones
+    (the raw dataset.json then holds the union that adopt wrote, which must not have been edited since)."""
+    if EXTENDS_KEY not in target_json:
+        return target_json["labels"]
+    earlier = target_json[EXTENDS_KEY]
+    if target_json["labels"] != extend_labels(earlier["labels"], earlier["foundation_labels"], name)[0]:
+        raise InputError(f"{name}'s dataset.json labels changed since an extending adopt wrote the union there; "
+                         f"write your labels into the dataset.json.bak-* it kept (the labels you wrote), put that "
+                         f"back as dataset.json and adopt again.")
+    return earlier["labels"]
 
 
 def extended_target(raw_folder: str, target_json: dict, foundation_json: dict, name: str) -> Tuple[dict, dict]:
@@ -32,7 +40,10 @@ def extended_target(raw_folder: str, target_json: dict, foundation_json: dict, n
     Checks, before anything is written, that each scan holds only the values the target names and
     that a foundation class the target names is labelled in every scan (or the user's annotations
     file says which scans annotate it)."""
-    labels = own_labels(target_json)
+    if "ignore" in target_json["labels"]:
+        raise InputError(f"{name} has an 'ignore' label, and extending a foundation from sparse annotations is not "
+                         f"supported yet; fill its labels, or adopt without --keep-foundation-labels.")
+    labels = own_labels(target_json, foundation_json, name)
     union, annotated = extend_labels(labels, foundation_json["labels"], name)
     presence = label_presence(raw_folder, target_json)
     names = {v: n for n, v in plain_labels(union).items()}
@@ -40,10 +51,12 @@ def extended_target(raw_folder: str, target_json: dict, foundation_json: dict, n
         unnamed = sorted(v for v in values if v not in annotated and v != 0)
         if unnamed:
             raise InputError(f"{name}'s scan {case} holds label value(s) {unnamed} ("
-                             f"{', '.join(repr(names.get(v, '?')) for v in unnamed)}), which its dataset.json does not "
-                             f"name; add them to its labels or fix the label file.")
-    earlier = target_json.get(EXTENDS_KEY, {})
-    user_file = target_json.get(ANNOTATIONS_KEY) if earlier.get("user_annotations", not earlier) else None
+                             f"{', '.join(repr(names.get(v, 'no label')) for v in unnamed)}), which its dataset.json "
+                             f"does not name; add them to its labels or fix the label file.")
+    # the user's own annotations file: any file but the one an earlier extending adopt wrote
+    user_file = target_json.get(ANNOTATIONS_KEY)
+    if user_file == ANNOTATIONS and not target_json.get(EXTENDS_KEY, {"user_annotations": True})["user_annotations"]:
+        user_file = None
     if user_file:
         annotations = _user_annotations(os.path.join(raw_folder, user_file), presence, union, name)
     else:
@@ -79,7 +92,11 @@ def _refuse_partly_labelled(presence: Dict[str, List[int]], labels: dict, founda
         if value not in foundation_values:
             continue
         missing = [c for c, values in presence.items() if value not in values]
-        if missing and len(missing) < len(presence):
+        if len(missing) == len(presence):  # named, yet labelled nowhere: it would be taught as absent everywhere
+            raise InputError(f"{name} names the foundation's class '{names[value]}' ({value}) but no scan labels it; "
+                             f"leave it out of dataset.json (the foundation's classes are kept without naming them), "
+                             f"or label it.")
+        if missing:
             raise InputError(f"{name} labels the foundation's class '{names[value]}' ({value}) in some scans but not in "
                              f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; list which scans annotate "
                              f"it in an annotations file named by '{ANNOTATIONS_KEY}' in its dataset.json (the format "
@@ -88,12 +105,12 @@ def _refuse_partly_labelled(presence: Dict[str, List[int]], labels: dict, founda
 
 def _user_annotations(path: str, presence: Dict[str, List[int]], union: dict, name: str) -> dict:
     from nnunet_fseft.datasets.dataset_json import read_json
-    from nnunet_fseft.training.partial_labels import _check_annotations
+    from nnunet_fseft.training.partial_labels import check_annotations
     if not os.path.isfile(path):
         raise InputError(f"{name}'s dataset.json names the annotations file {path}, which does not exist; write it "
                          f"(the format `nnunet-fseft combine` writes) or remove '{ANNOTATIONS_KEY}'.")
     annotations = read_json(path, "write it again in the format `nnunet-fseft combine` writes")
-    _check_annotations(annotations, path)
+    check_annotations(annotations, path)
     values = set(plain_labels(union).values())
     for case in presence:
         a = annotations["cases"].get(case)
@@ -103,21 +120,21 @@ def _user_annotations(path: str, presence: Dict[str, List[int]], union: dict, na
         unknown = sorted(set(a["annotated"]) - values)
         undeclared = sorted(v for v in presence[case] if v and v not in a["annotated"])
         if unknown or undeclared:
-            raise InputError(f"{path} says scan {case} annotates {a['annotated']}, but "
-                             f"{f'{unknown} are no label of the extended target' if unknown else ''}"
-                             f"{f'its label file also holds {undeclared}' if undeclared else ''}; fix the file.")
+            what = " and ".join(x for x in (f"{unknown} are no label of the extended target" if unknown else "",
+                                             f"its label file also holds {undeclared}" if undeclared else "") if x)
+            raise InputError(f"{path} says scan {case} annotates {a['annotated']}, but {what}; fix the file.")
     return annotations
 
 
-def write_extended(raw_folder: str, extended: dict, annotations: dict) -> List[Tuple[str, str, str]]:
+def write_extended(raw_folder: str, extended: dict, annotations: dict, written: list) -> None:
     """Writes the union dataset.json and the annotations file into the raw folder (a different file
-    there is kept as a backup first); returns what `restore` needs to undo it."""
-    written = []
+    there is kept as a backup first), appending to `written` what `restore` needs to undo each write
+    (as it goes, so a failure half-way is undone too)."""
     for path, content in ((os.path.join(raw_folder, "dataset.json"), extended),
                           (os.path.join(raw_folder, extended[ANNOTATIONS_KEY]), annotations)):
         before = open(path).read() if os.path.isfile(path) else None
-        written.append((path, before, save_json_kept(content, path)))
-    return written
+        written.append((path, before, ""))
+        written[-1] = (path, before, save_json_kept(content, path))
 
 
 def restore(written: List[Tuple[str, str, str]]) -> None:

@@ -58,6 +58,10 @@ def zeroshot(dataset: str, plans_name: str = PLANS_NAME, fold: int = 0, out: str
     if record is None:
         raise InputError(f"Plans {plans_name} of {name} record no foundation; run `nnunet-fseft adopt` for {name} "
                          f"(or pass its plans with -p).")
+    if record.get("extends") and reference is None:
+        raise InputError(f"{name} extends its foundation (adopt --keep-foundation-labels), so its labelsTr holds only "
+                         f"the new labels and would score the foundation's classes as missed; pass --reference with "
+                         f"full label maps of the held-out cases.")
     regions = has_regions(dataset_json["labels"])
     mixed = mixed_outputs(dataset_json["labels"], record["labels"], name)
     if mixed:

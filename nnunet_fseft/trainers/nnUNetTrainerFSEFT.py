@@ -284,12 +284,20 @@ class nnUNetTrainerFSEFT(PartialLabelTraining, nnUNetTrainer):
     def start_anchor(self) -> None:
         """The zero-shot anchor (nnunet_fseft/training/anchor.py) from this training's start, or from
         the file that start wrote on --c; where it is off the log says why."""
-        if not self.anchor_weight or self.current_epoch >= self.num_epochs:
+        if self.current_epoch >= self.num_epochs:
             return
-        self.anchor, message = anchor_for_training(self)
+        self.anchor, message = anchor_for_training(self) if self.anchor_weight else (None, "anchor_weight is 0")
+        if self.anchor is None and self.foundation is not None and self.foundation.get("extends"):
+            # an extending target's scans annotate only its new labels: nothing else would hold the foundation's
+            raise InputError(f"{type(self).__name__} would lose the foundation's classes: this target extends its "
+                             f"foundation, whose classes only the zero-shot anchor holds, and it is off here "
+                             f"({message.split(', ', 1)[-1]}); train a method that starts from the foundation's head "
+                             f"with anchor_weight > 0, such as nnUNetTrainerFSEFT_DecoderFT.")
         if self.anchor is not None:
             self.loss = AnchoredLoss(self.loss, self.anchor)
-        self.print_to_log_file(message)
+            self.print_to_log_file(message)
+        elif self.anchor_weight:
+            self.print_to_log_file(message)
 
     def on_train_epoch_start(self):
         self._step_in_epoch = 0

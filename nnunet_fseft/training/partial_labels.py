@@ -27,29 +27,40 @@ from nnunet_fseft.errors import InputError
 
 
 def find_annotations(dataset_json: dict, dataset_name: str, preprocessed_folder: str) -> Optional[dict]:
-    """The annotations file ({"sources": ..., "cases": ...}) that `combine` names in dataset.json, or
-    None for a dataset it did not write. Looked for in the preprocessed folder, then in nnUNet_raw,
-    and copied into the preprocessed folder, so later runs (--c, --val, another machine) find it
-    without nnUNet_raw. Training a pooled dataset without it would be naive training, so that stops."""
+    """The annotations file ({"sources": ..., "cases": ...}) that dataset.json names (written by `combine`, or
+    by `adopt --keep-foundation-labels`), or None for a dataset without one. Looked for in nnUNet_raw, where
+    those commands write it (so a later adopt's is the one read), then in the preprocessed folder, where it
+    is copied, so later runs (--c, --val, another machine) find it without nnUNet_raw. Training such a
+    dataset without it would be naive training, so that stops."""
     name = dataset_json.get(ANNOTATIONS_KEY)
     if name is None:
         return None
     raw = os.environ.get("nnUNet_raw")
-    places = ([preprocessed_folder] if preprocessed_folder else []) + ([os.path.join(raw, dataset_name)] if raw else [])
+    places = ([os.path.join(raw, dataset_name)] if raw else []) + ([preprocessed_folder] if preprocessed_folder else [])
     for folder in places:
         path = os.path.join(folder, name)
         if os.path.isfile(path):
-            annotations = read_json(path, "write it again with `nnunet-fseft combine`")
-            _check_annotations(annotations, path)
+            annotations = read_json(path, "write it again with the command that wrote it")
+            check_annotations(annotations, path)
             if folder != preprocessed_folder and preprocessed_folder and os.path.isdir(preprocessed_folder):
                 shutil.copy2(path, os.path.join(preprocessed_folder, name))
             return annotations
-    raise InputError(f"{dataset_name} was pooled by nnunet-fseft combine but its {name} is in none of "
-                     f"{places}; copy it from the pooled raw dataset into {preprocessed_folder}.")
+    raise InputError(f"{dataset_name}'s dataset.json names the annotations file {name} (written by `nnunet-fseft "
+                     f"combine` or `adopt --keep-foundation-labels`), which is in none of {places}; copy it from the "
+                     f"raw dataset into {preprocessed_folder}, or write it again with the command that wrote it.")
 
 
-def _check_annotations(annotations: dict, path: str) -> None:
-    """Sampling and the loss work per source, so each case must annotate what its source does."""
+def check_annotations(annotations: dict, path: str) -> None:
+    """The file's form ({"sources": {name: {"annotated": [...]}}, "cases": {case: {"source", "annotated"}}}),
+    and each case annotating what its source does: sampling and the loss work per source."""
+    def listed(x):
+        return isinstance(x, dict) and isinstance(x.get("annotated"), list)
+    if not (isinstance(annotations, dict) and isinstance(annotations.get("sources"), dict)
+            and isinstance(annotations.get("cases"), dict) and all(map(listed, annotations["sources"].values()))
+            and all(listed(a) and "source" in a for a in annotations["cases"].values())):
+        raise InputError(f"{path} is not an annotations file as `nnunet-fseft combine` writes it ({{\"sources\": "
+                         f"{{NAME: {{\"annotated\": [...]}}}}, \"cases\": {{CASE: {{\"source\": NAME, \"annotated\": "
+                         f"[...]}}}}}}); write it in that form.")
     for case, a in annotations["cases"].items():
         source = annotations["sources"].get(a["source"])
         if source is None or sorted(a["annotated"]) != sorted(source["annotated"]):
@@ -201,7 +212,8 @@ class PartialLabelTraining:
             unknown = sorted((set(dataset_tr.identifiers) | set(dataset_val.identifiers)) - set(self.annotations["cases"]))
             if unknown:
                 raise InputError(f"Cases {unknown[:5]} are not in this dataset's annotations file (added after it was "
-                                 f"written?); list them in it, or pool the source datasets again with combine.")
+                                 f"written?); write it again: pool the sources with combine, or adopt with "
+                                 f"--keep-foundation-labels again.")
         return dataset_tr, dataset_val
 
     def _build_loss(self):

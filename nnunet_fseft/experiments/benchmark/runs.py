@@ -67,6 +67,13 @@ def benchmark(foundation: str, dataset: str, ks: List[Union[int, str]], repeats:
     from nnunet_fseft.environment import require_env
 
     trainers = method_trainers(methods)
+    if extend:
+        # without the foundation's head and anchor (TargetOnly), or with a size prior (TI), an extending
+        # target's runs would lose the foundation's classes or fail: refused before any work
+        unfit = [m for m, t in trainers.items() if not t.from_foundation or getattr(t, "transductive", False)]
+        if unfit:
+            raise InputError(f"{', '.join(unfit)} cannot extend a foundation (random weights, or size priors that "
+                             f"need every class labelled); leave them out of --methods with --keep-foundation-labels.")
     if device == "cuda":
         import torch
         if not torch.cuda.is_available():
@@ -83,8 +90,11 @@ def benchmark(foundation: str, dataset: str, ks: List[Union[int, str]], repeats:
     checkpoint = foundation_checkpoint(foundation, fold, "checkpoint_final.pth")
     identity = {"dataset": name, "foundation_sha256": sha256(checkpoint), "schedule": schedule_overrides(),
                 "held_out": splits[0]["val"]}
-    if extend:  # (only then, so that the folders of earlier benchmarks stay theirs)
-        identity.update({"extends_foundation": True, "reference": reference})
+    # (only where set, so that the folders of earlier benchmarks stay theirs)
+    if extend:
+        identity["extends_foundation"] = True
+    if reference != os.path.join(raw, "labelsTr"):
+        identity["reference"] = reference
     folder = OutputFolder(out, identity)  # refuses another benchmark's folder
     if report_only:
         return _report_only(folder, name, raw, ks, repeats, trainers, splits, images, device)
