@@ -206,9 +206,10 @@ def _run_all(folder: OutputFolder, foundation: str, fold: str, name: str, raw: s
                 "fold_dir": os.path.join(results_root, name, f"{trainer}__{PLANS_NAME}__{configuration}", f"fold_{f}"),
                 "predictions": os.path.join(folder.path, "predictions", m, f"K{k}", f"repeat{r}"),
                 "log": folder.log, "cost": costs.get(trainer, {}), "plans": plans, "dataset_json": dataset_json,
-                "reference": reference or os.path.join(raw, "labelsTr")}
+                "reference": reference}
 
-    zero = zero_shot_scores(folder, name, plans, dataset_json, device, reference=reference)  # first: it can void a base-organ task
+    # first: it can void a base-organ task
+    zero = zero_shot_scores(folder, name, plans, dataset_json, device, reference=reference)
     unlearned = unlearned_labels(zero)
     if base_organs and (not zero or unlearned):
         why = f"the foundation {unlearned}" if zero else "the foundation knows none of its labels"
